@@ -1,0 +1,46 @@
+# mmemb-lab: one entry point for the CPU workbench.
+#   make demo   SEED=0 OUT=runs/demo   toy world -> stage-0 foundation -> short contrastive stage -> eval
+#   make test                          every test, notebooks included, under the tiny preset
+# The venv is built from requirements-cpu.txt, which pins torch==2.13.0 (CPU) next to everything that
+# depends on it, so pip never resolves a CUDA build. Never add torchvision to this venv.
+
+PY   ?= python3
+VENV ?= .venv
+SEED ?= 0
+OUT  ?= runs/demo
+
+VPY    := $(VENV)/bin/python
+MARKER := $(VENV)/.installed
+# Tests and the demo must never wait on the Hugging Face Hub (a stray lookup retries for ~50 s).
+OFFLINE := HF_HUB_OFFLINE=1
+
+.PHONY: venv demo test bench foundation lab clean
+
+venv: $(MARKER)
+
+# Reinstalls whenever the pins or the package metadata change.
+$(MARKER): requirements-cpu.txt pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -r requirements-cpu.txt
+	$(VPY) -m pip install --no-deps -e .
+	touch $@
+
+demo: $(MARKER)
+	$(OFFLINE) $(VPY) -m mmemb_lab demo --seed $(SEED) --out $(OUT)
+
+test: $(MARKER)
+	$(OFFLINE) $(VPY) -m pytest tests
+
+bench: $(MARKER)
+	$(OFFLINE) $(VPY) -m mmemb_lab bench --out runs/bench
+
+# Retrains the committed stage-0 foundation model in data/foundation.
+foundation: $(MARKER)
+	$(OFFLINE) $(VPY) -m mmemb_lab foundation --out data/foundation
+
+lab: $(MARKER)
+	$(VENV)/bin/jupyter lab notebooks/
+
+# Generated outputs only; data/ holds committed files and is never removed here.
+clean:
+	rm -rf runs/ worlds/

@@ -1,0 +1,176 @@
+"""Command line: ``mmemb-lab <command>`` == ``python -m mmemb_lab <command>``; the same under accelerate/torchrun.
+
+1 CPU / 1 GPU:  python -m mmemb_lab train --world worlds/tiny-seed0 --out runs/ft
+N GPUs:         accelerate launch -m mmemb_lab train ...   (or torchrun --nproc-per-node N -m mmemb_lab train ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _world(a) -> None:
+    from .world.build import WorldConfig, build_world
+
+    info = build_world(a.out, WorldConfig(seed=a.seed, n_train=a.n_train, n_eval=a.n_eval,
+                                          hard_fraction=a.hard_fraction), overwrite=a.overwrite)
+    print(json.dumps({k: {"n_eval": d["n_eval"], "hard_fraction": d["hard_fraction"]}
+                      for k, d in info["datasets"].items()}, indent=1))
+
+
+def _foundation(a) -> None:
+    from dataclasses import replace
+
+    from . import distributed
+    from .foundation import FoundationConfig, train_foundation
+
+    cfg = FoundationConfig()
+    if a.steps:
+        cfg = replace(cfg, loop=replace(cfg.loop, steps=a.steps))
+    with distributed.init_from_env():
+        train_foundation(a.out, cfg, seed=a.seed, resume=not a.no_resume)
+    if distributed.is_main():
+        print(Path(a.out) / "foundation.json")
+
+
+def _load(a):
+    from .backbone import lora_config, load_backbone
+    from .paths import foundation_dir
+
+    return load_backbone(a.backbone or foundation_dir(), lora=lora_config() if getattr(a, "lora", False) else None)
+
+
+def _train(a) -> None:
+    from dataclasses import replace
+
+    from . import distributed
+    from .finetune import FinetuneConfig, finetune
+
+    with distributed.init_from_env():
+        backbone = _load(a)
+        datasets = a.datasets or sorted(p.parent.name for p in Path(a.world).glob("*/train"))
+        cfg = FinetuneConfig(batch_size=a.batch_size)
+        cfg = replace(cfg, loop=replace(cfg.loop, steps=a.steps, lr=a.lr, seed=a.seed))
+        res = finetune(backbone, a.world, datasets, a.out, cfg, seed=a.seed, resume=not a.no_resume)
+        if distributed.is_main():
+            backbone.save(Path(a.out) / "model")
+            print(json.dumps({"steps": res.steps_done, "resumed_from": res.resumed_from, **res.last}))
+
+
+def _evaluate(a) -> None:
+    from .evaluate import evaluate
+    from .world.build import toy_registry
+
+    backbone = _load(a)
+    info = json.loads((Path(a.world) / "world.json").read_text())
+    res = evaluate(backbone, a.world, toy_registry(info), out_dir=a.out, strict=a.strict)
+    print(json.dumps(res.summary(), indent=1))
+
+
+def _demo(a) -> None:
+    from .demo import run_demo
+
+    s = run_demo(seed=a.seed, out=a.out, preset=a.preset)
+    d = s["eval"]["direct"]
+    print(f"direct: overall {d['overall']:.1f}  easy {d['easy']:.1f}  hard {d['hard']:.1f}  "
+          f"({d['latency_ms_per_query']:.1f} ms/query)")
+    print("foundation sees:", json.dumps({k: round(v, 3) for k, v in s["foundation"]["description_accuracy"].items()}))
+    print(f"wrote {Path(a.out) / 'summary.json'} in {s['wall_s']:.0f} s")
+
+
+def _bench(a) -> None:
+    from .bench import run_bench
+
+    print(json.dumps(run_bench(a.out), indent=1))
+
+
+def _datasets(a) -> None:
+    from .registry import benchmark
+
+    if a.benchmark == "toy":
+        from .world.tasks import DATASETS
+
+        rows = [{"name": n, "modality": m, "meta_task": t, "metric": "ndcg@5" if m == "visdoc" else "hit@1",
+                 "eval_type": e} for n, (_, m, t, e) in DATASETS.items()]
+    else:
+        rows = [{"name": d.name, "modality": d.modality, "meta_task": d.meta_task, "metric": d.metric,
+                 "eval_type": d.eval_type, "hf_source": d.hf_source, "instruction": d.instruction}
+                for d in benchmark(a.benchmark).values()]
+    if a.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['name']:<50} {r['modality']:<7} {r['meta_task']:<7} {r['metric']:<7} {r['eval_type']}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmemb-lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("world", help="generate the toy world (MMEB schemas on disk)")
+    s.add_argument("--out", required=True, help="folder to write")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-train", type=int, default=256, help="training rows per dataset")
+    s.add_argument("--n-eval", type=int, default=100, help="evaluation queries per dataset")
+    s.add_argument("--hard-fraction", type=float, default=0.65)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_world)
+
+    s = sub.add_parser("foundation", help="train the stage-0 foundation model (tokenizer included)")
+    s.add_argument("--out", default="data/foundation")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=0, help="override the number of steps")
+    s.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    s.set_defaults(fn=_foundation)
+
+    for name, fn, helptext in (("train", _train, "contrastive fine-tuning on a world's training rows"),
+                               ("evaluate", _evaluate, "score a backbone on a world's evaluation sets")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--world", required=True, help="world folder (mmemb-lab world --out ...)")
+        s.add_argument("--backbone", default=None, help="checkpoint folder or Hub id (default: data/foundation)")
+        s.add_argument("--out", required=True)
+        s.set_defaults(fn=fn)
+    train = sub.choices["train"]
+    train.add_argument("--steps", type=int, default=100)
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--batch-size", type=int, default=32, help="global batch (split over processes)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lora", action="store_true", help="LoRA on the language model instead of full tuning")
+    train.add_argument("--datasets", nargs="*", help="subset of the world's datasets")
+    train.add_argument("--no-resume", action="store_true")
+    sub.choices["evaluate"].add_argument("--strict", action="store_true", help="stop at the first bad record")
+
+    s = sub.add_parser("demo", help="the main job end to end (what `make demo` runs)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--preset", default="tiny", choices=["tiny", "smoke"])
+    s.set_defaults(fn=_demo)
+
+    s = sub.add_parser("bench", help="speed benchmarks, JSON (what `make bench` runs)")
+    s.add_argument("--out", default="runs/bench")
+    s.set_defaults(fn=_bench)
+
+    s = sub.add_parser("datasets", help="list a benchmark's datasets")
+    s.add_argument("--benchmark", default="mmeb-v2", choices=["mmeb-v2", "toy"])
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_datasets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "datasets", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    a.fn(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""From records to model inputs: toy-world items in memory and MMEB-schema datasets on disk.
+
+Concept
+    The same ``Input`` objects (``mmemb_lab.embed``) come out of the toy world's in-memory items (used by
+    stage 0, which draws fresh items every step) and out of datasets on disk in the real MMEB schemas
+    (``mmemb_lab.world.build`` writes the toy world that way; real MMEB data has the same columns), so
+    the training loop and the evaluation harness never know which world they run on.
+
+Used by: foundation (stage 0), the contrastive stage, the evaluation harness, notebooks 00/01.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from .embed import Input
+from .world.scenes import Obj, Page, Scene, Video, render_object, render_page, render_scene
+
+
+def to_pil(visual) -> Image.Image | list[Image.Image] | None:
+    """Render a world visual: a scene/page/object to one image, a video to its frames."""
+    if visual is None:
+        return None
+    if isinstance(visual, Scene):
+        return render_scene(visual)
+    if isinstance(visual, Video):
+        return [render_scene(f) for f in visual.frames]
+    if isinstance(visual, Page):
+        return render_page(visual)
+    if isinstance(visual, Obj):
+        return render_object(visual)
+    raise TypeError(f"not a world visual: {type(visual).__name__}")
+
+
+def item_query(item, rationale: str | None = None) -> Input:
+    return Input(item.query_text, to_pil(item.query_visual), item.query_inst, rationale, item.item_id)
+
+
+def item_candidates(item) -> list[Input]:
+    return [Input(text, to_pil(vis), item.target_inst, None, f"{item.item_id}/cand{j}")
+            for j, (text, vis) in enumerate(item.candidates)]
+
+
+def candidate_key(text: str, visual) -> str:
+    """Identity of a candidate, to mask in-batch duplicates (same answer text or same object crop)."""
+    return f"{text}|{visual!r}" if visual is not None else text
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets on disk in the MMEB schemas (toy world or real MMEB, same code)
+
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+TRAIN_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+LOCAL_EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+BEIR_COLUMNS = {"queries": ("query-id", "query"), "corpus": ("corpus-id", "image"),
+                "qrels": ("query-id", "corpus-id", "score")}
+N_VIDEO_FRAMES = 8  # MMEB-V2: 8 frames sampled uniformly from the shipped ones
+IMAGE_PLACEHOLDERS = ("<|image_1|>", "<image>")
+
+
+class DataError(ValueError):
+    """A bad record or file, named: dataset, row and path."""
+
+
+@dataclass(frozen=True)
+class EvalQuery:
+    """One evaluation query: its input, its candidates' keys, and graded relevance per candidate key."""
+
+    query: Input
+    candidates: tuple[str, ...]  # keys into the dataset's candidate table
+    relevance: dict = field(default_factory=dict)  # candidate key -> grade
+    needs_reasoning: bool | None = None
+    gold_steps: tuple[str, ...] = ()
+    answer: str = ""
+    item_id: str = ""
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A dataset ready to score: queries and the deduplicated candidate table (each embedded once)."""
+
+    name: str
+    queries: list[EvalQuery]
+    candidates: dict[str, Input]
+    eval_type: str
+    skipped: int = 0
+
+
+def check_columns(ds, required, where: str) -> None:
+    missing = [c for c in required if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{where}: wrong schema, missing column(s) {missing}; has {ds.column_names}")
+
+
+def load_visual(root: Path, rel: str | list, where: str):
+    """Open an image (path) or a video (a folder of frames, 8 sampled uniformly); errors name the file."""
+    if not rel:
+        return None
+    if isinstance(rel, (list, tuple)):
+        return [load_visual(root, r, where) for r in rel]
+    path = root / rel
+    if path.is_dir():
+        frames = sorted((p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")),
+                        key=lambda p: (len(p.stem), p.stem))
+        if not frames:
+            raise DataError(f"{where}: video folder {path} has no frames")
+        if len(frames) > N_VIDEO_FRAMES:
+            idx = [round(i * (len(frames) - 1) / (N_VIDEO_FRAMES - 1)) for i in range(N_VIDEO_FRAMES)]
+            frames = [frames[i] for i in idx]
+        return [_open(p, where) for p in frames]
+    return _open(path, where)
+
+
+def _open(path: Path, where: str) -> Image.Image:
+    if not path.exists():
+        raise DataError(f"{where}: missing image file {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for corrupt files
+        raise DataError(f"{where}: corrupt or unreadable image {path} ({e})") from e
+
+
+def strip_placeholders(text: str) -> str:
+    for p in IMAGE_PLACEHOLDERS:
+        text = text.replace(p, "")
+    return text.strip()
+
+
+def load_train(path: str | Path, root: str | Path | None = None, name: str | None = None):
+    """MMEB-train rows -> list of (query, positive, negative or None) Inputs."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent.parent
+    name = name or path.parent.name
+    ds = load_from_disk(str(path))
+    check_columns(ds, TRAIN_COLUMNS, f"{name} ({path})")
+    out = []
+    for i, r in enumerate(ds):
+        where = f"{name} train row {i}"
+        q = Input(strip_placeholders(r["qry"]), load_visual(root, r["qry_image_path"], where), "", None, where)
+        p = Input(r["pos_text"], load_visual(root, r["pos_image_path"], where), "", None, where + " (pos)")
+        n = None
+        if r.get("neg_text") or r.get("neg_image_path"):
+            n = Input(r.get("neg_text") or "", load_visual(root, r.get("neg_image_path") or "", where), "", None,
+                      where + " (neg)")
+        for x in (q, p) + ((n,) if n else ()):
+            if not x.text.strip() and x.visual is None:
+                raise DataError(f"{x.name}: empty text and no image")
+        out.append((q, p, n))
+    return out
+
+
+def load_eval(world_root: str | Path, name: str, eval_type: str, strict: bool = False) -> EvalSet:
+    """Load one evaluation dataset (local: MMEB-eval schema; global: BEIR queries/corpus/qrels).
+
+    A bad row raises ``DataError`` in strict mode; otherwise it is skipped and counted (``skipped``).
+    """
+    from datasets import load_from_disk
+
+    root = Path(world_root)
+    queries: list[EvalQuery] = []
+    cands: dict[str, Input] = {}
+    skipped = 0
+    if eval_type == "local":
+        ds = load_from_disk(str(root / name / "eval"))
+        check_columns(ds, LOCAL_EVAL_COLUMNS, f"{name} ({root / name / 'eval'})")
+        for i, r in enumerate(ds):
+            where = f"{name} eval row {i}"
+            try:
+                if not r["tgt_text"] and not r["tgt_img_path"]:
+                    raise DataError(f"{where}: empty candidate list")
+                q = Input(strip_placeholders(r["qry_text"]), load_visual(root, r["qry_img_path"], where),
+                          r.get("qry_inst", ""), None, where)
+                if not q.text and q.visual is None:
+                    raise DataError(f"{where}: empty query (no text, no image)")
+                keys = []
+                n = max(len(r["tgt_text"]), len(r["tgt_img_path"]))
+                for j in range(n):
+                    t = r["tgt_text"][j] if j < len(r["tgt_text"]) else ""
+                    p = r["tgt_img_path"][j] if j < len(r["tgt_img_path"]) else ""
+                    key = f"{t}|{p}"
+                    if key not in cands:
+                        cands[key] = Input(t, load_visual(root, p, where), r.get("tgt_inst", ""), None, where)
+                    keys.append(key)
+                labels = r.get("labels") or [0]  # MMEB: the first candidate is the positive
+                rel = {keys[j]: 1 for j in labels}
+            except DataError:
+                if strict:
+                    raise
+                logging.getLogger(__name__).warning("skipping %s", where, exc_info=True)
+                skipped += 1
+                continue
+            queries.append(EvalQuery(q, tuple(keys), rel, r.get("needs_reasoning"), tuple(r.get("gold_steps") or ()),
+                                     r.get("answer", ""), r.get("item_id", str(i))))
+        return EvalSet(name, queries, cands, "local", skipped)
+    parts = {}
+    for part, cols in BEIR_COLUMNS.items():
+        ds = load_from_disk(str(root / name / part))
+        check_columns(ds, cols, f"{name} ({root / name / part})")
+        parts[part] = ds
+    for i, r in enumerate(parts["corpus"]):
+        cands[r["corpus-id"]] = Input("", load_visual(root, r["image"], f"{name} corpus row {i}"),
+                                      r.get("tgt_inst", ""), None, f"{name} corpus {r['corpus-id']}")
+    qrels: dict[str, dict[str, float]] = {}
+    for i, r in enumerate(parts["qrels"]):
+        if r["corpus-id"] not in cands:
+            err = DataError(f"{name} qrels row {i}: corpus-id {r['corpus-id']!r} is not in the corpus")
+            if strict:
+                raise err
+            skipped += 1
+            continue
+        qrels.setdefault(r["query-id"], {})[r["corpus-id"]] = float(r["score"])
+    keys = tuple(cands)
+    for i, r in enumerate(parts["queries"]):
+        where = f"{name} query row {i}"
+        if not r["query"].strip():
+            if strict:
+                raise DataError(f"{where}: empty query text")
+            skipped += 1
+            continue
+        queries.append(EvalQuery(Input(r["query"], None, r.get("qry_inst", ""), None, where), keys,
+                                 qrels.get(r["query-id"], {}), r.get("needs_reasoning"),
+                                 tuple(r.get("gold_steps") or ()), r.get("answer", ""), r["query-id"]))
+    return EvalSet(name, queries, cands, "global", skipped)
+
+
+import logging  # noqa: E402

@@ -1,0 +1,194 @@
+"""Evaluation by MMEB-V2's rules, on the toy world or real MMEB data (same harness).
+
+Concept
+    Each query is ranked against its candidates by cosine similarity of embeddings: its own candidate
+    list for *local* tasks, the whole deduplicated corpus for *global* ones (every candidate embedded
+    once). Scores per dataset are Hit@1 (image, video) or linear NDCG@5 with graded relevance (visual
+    documents), in percent. Columns: per modality and meta-task, unweighted means over datasets;
+    overall = unweighted mean over *datasets* (not over modalities) - ../shared/notes/mmeb-v2.md.
+
+    The toy world adds what no benchmark has: every query knows whether it ``needs_reasoning``, so
+    each score splits into **easy** and **hard** (each again an unweighted mean over datasets).
+
+    A *mode* decides how queries are embedded: "direct" here; reasoning modes plug in as another
+    ``QueryEncoder`` (later stages). Latency per query is measured at batch size 1 on a sample of
+    queries (what a user waiting for one answer sees); batched time per query is reported beside it.
+
+Used by: the demo (``eval.direct`` in summary.json), notebooks 01 and 06, ``mmemb-lab evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .backbone import Backbone
+from .data import EvalSet, load_eval
+from .embed import Input, embed
+from .metrics import aggregate, score_queries
+from .registry import DatasetInfo
+
+log = logging.getLogger(__name__)
+QueryEncoder = Callable[[Sequence[Input]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DatasetScore:
+    name: str
+    metric: str
+    score: float
+    """Headline metric in percent."""
+    per_query: np.ndarray
+    """(n_queries,) headline metric per query, in [0, 1]."""
+    needs_reasoning: np.ndarray
+    """(n_queries,) the world's label (all False where unknown)."""
+    top1: list[str]
+    """Key of the top-ranked candidate per query (the predictions file)."""
+    at_k: dict[str, float]
+    """hit@k and ndcg_linear@k for k in 1, 5, 10, in percent."""
+    skipped: int = 0
+
+    def split(self, hard: bool) -> float | None:
+        m = self.needs_reasoning == hard
+        return float(100 * self.per_query[m].mean()) if m.any() else None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    mode: str
+    per_dataset: dict[str, DatasetScore]
+    overall: float
+    easy: float | None
+    hard: float | None
+    per_modality: dict[str, float]
+    per_meta_task: dict[str, float]
+    latency_ms_per_query: float
+    """Mean wall time to embed one query alone (batch size 1), ms."""
+    batched_ms_per_query: float
+    """Wall time per query when queries are embedded in batches, ms."""
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"overall": self.overall, "easy": self.easy, "hard": self.hard,
+                "per_dataset": {k: v.score for k, v in self.per_dataset.items()},
+                "per_dataset_easy": {k: v.split(False) for k, v in self.per_dataset.items()},
+                "per_dataset_hard": {k: v.split(True) for k, v in self.per_dataset.items()},
+                "per_modality": self.per_modality, "per_meta_task": self.per_meta_task,
+                "latency_ms_per_query": self.latency_ms_per_query,
+                "batched_ms_per_query": self.batched_ms_per_query, **self.extra}
+
+
+def direct_encoder(backbone: Backbone, batch_size: int = 32) -> QueryEncoder:
+    return lambda inputs: embed(backbone, list(inputs), batch_size=batch_size)
+
+
+def score_set(es: EvalSet, q_emb: torch.Tensor, c_emb: torch.Tensor, metric: str) -> DatasetScore:
+    """Rank candidates by cosine similarity and score each query."""
+    keys = list(es.candidates)
+    index = {k: i for i, k in enumerate(keys)}
+    sims = (q_emb @ c_emb.T).numpy()
+    scores, labels, top1 = [], [], []
+    for qi, q in enumerate(es.queries):
+        cols = [index[k] for k in q.candidates]
+        s = sims[qi, cols]
+        scores.append(s)
+        labels.append({j: q.relevance[k] for j, k in enumerate(q.candidates) if k in q.relevance})
+        top1.append(q.candidates[int(np.argmax(s))])
+    qs = score_queries(scores, labels, metric=metric, ks=(1, 5, 10))
+    main = qs.hit[1] if metric.startswith("hit") else qs.ndcg_linear[int(metric.split("@")[1])]
+    nr = np.array([bool(q.needs_reasoning) for q in es.queries])
+    at_k = {k: 100 * float(v) for k, v in qs.means.items()}
+    return DatasetScore(es.name, metric, 100 * float(np.mean(main)), np.asarray(main, dtype=float), nr, top1, at_k,
+                        es.skipped)
+
+
+def _latency(encode: QueryEncoder, inputs: Sequence[Input], n: int) -> float:
+    sample = list(inputs[:n])
+    encode(sample[:1])  # warm-up
+    t = time.perf_counter()
+    for x in sample:
+        encode([x])
+    return 1000 * (time.perf_counter() - t) / max(1, len(sample))
+
+
+def evaluate(backbone: Backbone, world_root: str | Path, registry: dict[str, DatasetInfo], mode: str = "direct",
+             encoder: QueryEncoder | None = None, out_dir: str | Path | None = None, strict: bool = False,
+             latency_sample: int = 16, progress: bool = True) -> EvalResult:
+    """Score every dataset of ``registry`` found under ``world_root``; optionally write per-dataset files."""
+    from tqdm.auto import tqdm
+
+    encode = encoder or direct_encoder(backbone)
+    cand_encode = direct_encoder(backbone)
+    per: dict[str, DatasetScore] = {}
+    lat, batched, nq = [], 0.0, 0
+    for name, info in tqdm(registry.items(), desc=f"eval {mode}", disable=not progress):
+        es = load_eval(world_root, name, info.eval_type, strict=strict)
+        if not es.queries:
+            log.warning("%s: no usable queries", name)
+            continue
+        c_emb = cand_encode(list(es.candidates.values()))
+        inputs = [q.query for q in es.queries]
+        t = time.perf_counter()
+        q_emb = encode(inputs)
+        batched += time.perf_counter() - t
+        nq += len(inputs)
+        lat.append(_latency(encode, inputs, latency_sample))
+        per[name] = score_set(es, q_emb, c_emb, info.metric)
+        if out_dir is not None:
+            write_dataset_files(Path(out_dir) / mode, per[name], es)
+    agg = aggregate({k: v.score for k, v in per.items()}, {k: registry[k] for k in per})
+
+    def split(hard: bool) -> float | None:
+        vals = [v.split(hard) for v in per.values()]
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return EvalResult(mode, per, agg.overall, split(False), split(True), dict(agg.per_modality),
+                      dict(agg.per_meta_task), float(np.mean(lat)) if lat else float("nan"),
+                      1000 * batched / max(1, nq))
+
+
+def write_dataset_files(out: Path, s: DatasetScore, es: EvalSet) -> None:
+    """``{dataset}_score.json`` (hit@k / ndcg_linear@k, k in 1, 5, 10) and ``{dataset}_pred.jsonl``."""
+    from .train import atomic_write_text
+
+    atomic_write_text(out / f"{s.name}_score.json", json.dumps(
+        {"dataset": s.name, "metric": s.metric, "score": s.score, **s.at_k, "n_queries": len(s.per_query),
+         "skipped": s.skipped}, indent=1))
+    lines = [json.dumps({"query": q.item_id, "top1": t, "correct": float(c), "needs_reasoning": bool(h)})
+             for q, t, c, h in zip(es.queries, s.top1, s.per_query, s.needs_reasoning)]
+    atomic_write_text(out / f"{s.name}_pred.jsonl", "\n".join(lines) + "\n")
+
+
+@dataclass(frozen=True)
+class ItemScores:
+    """One toy item scored by the embedder: what notebooks show for a single example."""
+
+    item: object
+    similarities: np.ndarray
+    """(n_candidates,) cosine similarity of the query to each candidate."""
+    top1: int
+    correct: bool
+
+
+def score_item(backbone: Backbone, item, rationale: str | None = None, pool: Sequence | None = None) -> ItemScores:
+    """Embed one toy-world item's query (direct, or after ``rationale``) and its candidates.
+
+    Global items (one target) are scored against ``pool`` (other items of the same dataset) when given.
+    """
+    from .data import item_candidates, item_query
+
+    items = [item] + list(pool or [])
+    cands = [c for it in items for c in item_candidates(it)]
+    q = embed(backbone, [item_query(item, rationale)])
+    c = embed(backbone, cands)
+    sims = (q @ c.T)[0].numpy()
+    top = int(np.argmax(sims))
+    return ItemScores(item, sims, top, top in item.labels)

@@ -1,0 +1,354 @@
+"""Stage 0: a foundation model for the toy world - the stand-in for a pretrained MLLM.
+
+Concept
+    MMEmb-R1 starts from a pretrained Qwen3-VL that can already see, describe and embed. Our tiny
+    model starts from random weights, so stage 0 must give it those abilities before any reasoning is
+    trained. What was measured (../shared/notes/tiny-vlm-from-scratch.md): contrastive or short-answer
+    losses from random init never teach a tiny model to use the image; next-token loss on a *dense
+    description of every cell*, plus an auxiliary head that classifies every merged image token,
+    does - in minutes. So the objective is
+
+        L0 = NextToken(descriptions + atomic single-step QA) + w_aux * CE(attribute head on image tokens)
+             + w_nce * InfoNCE(direct query embedding, positive; in-batch + one hard negative)
+
+    with the contrastive term joining after ``see_steps`` (grounding first). Multi-step rationales are
+    kept out: the skills are single hops (``mmemb_lab.world.skills``), chains are the later stages' job.
+
+Deviation: a pretrained MLLM has no attribute head; ours is dropped after stage 0 (it is saved
+separately and not part of the backbone checkpoint).
+
+Used by: ``make foundation`` (reproduces data/foundation), the demo when no foundation exists, notebook 01.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed
+from .backbone import Backbone, TinySpec, build_tiny, load_backbone, train_tokenizer
+from .contrastive import info_nce
+from .data import candidate_key, item_candidates, item_query, to_pil
+from .embed import Input, base_model, collate, pool
+from .train import LoopConfig, atomic_write_text, run_loop
+from .world.scenes import ORDINALS, POSITIONS, TOKEN_CLASSES, Page, Scene, Video, random_page, random_video
+from .world.skills import describe_frame, describe_page, describe_scene, sample_skill
+from .world.tasks import DATASETS, make_item
+
+log = logging.getLogger(__name__)
+WORLD_VERSION = "toy-world-v1"
+
+
+@dataclass(frozen=True)
+class FoundationConfig:
+    spec: TinySpec = field(default_factory=TinySpec)
+    """Sizes of the tiny backbone."""
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=2400, lr=1e-3, warmup=100, ckpt_every=100))
+    """Optimiser and schedule."""
+    gen_batch: int = 32
+    """Descriptions / single-step QA per step."""
+    nce_batch: int = 32
+    """Query-positive pairs per step for the direct contrastive term."""
+    see_steps: int = 800
+    """Steps of descriptions only, before the contrastive term joins (grounding first)."""
+    aux_weight: float = 1.0
+    """Weight of the per-image-token attribute head."""
+    nce_weight: float = 1.0
+    """Weight of the direct contrastive term."""
+    temperature: float = 0.05
+    """InfoNCE temperature (ours, for a tiny model; the reference recipe uses 0.02 at 4B)."""
+    hard_fraction: float = 0.65
+    """Share of hard items in the contrastive stream (the world's default mix)."""
+    hard_negatives: int = 3
+    """Mined negatives per query: other candidates of the item (local) or near-miss targets (global)."""
+    tokenizer_corpus: int = 4000
+    """Number of world samples the BPE tokenizer is trained on."""
+    video_mode: str = "frames_as_images"
+    """How the tiny model is fed frame sequences (see ``Backbone.video_mode``); recorded in the checkpoint."""
+    position_head: bool = True
+    """Also predict each image token's cell index from its features (puts "where" into the token's content,
+    so the language model can find a cell by content rather than through rotary positions)."""
+    see_weights: dict = field(default_factory=dict)
+    """Skill mix (name -> weight) during the first ``see_steps``; empty = the default mix."""
+
+
+class Stage0(torch.nn.Module):
+    """The backbone plus the auxiliary heads; ``forward`` computes every stage-0 loss in ONE call (DDP-safe)."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.model = backbone.model
+        hidden = backbone.model.config.text_config.hidden_size
+        self.head = torch.nn.Linear(hidden, len(TOKEN_CLASSES))
+        self.pos_head = torch.nn.Linear(hidden, N_TOKEN_POSITIONS)
+
+    def forward(self, gen: dict, nce: dict | None = None) -> dict:
+        """``gen``: batch, labels, tok_labels, tok_positions; ``nce``: query/positive/negative batches, ids, tau."""
+        lm, aux = lm_loss(None, self.model, gen["batch"], gen["labels"], self.head, gen["tok_labels"],
+                          self.pos_head, gen["tok_positions"])
+        out = {"lm": lm, "aux": aux}
+        if nce is not None:
+            base = base_model(self.model)
+            q, p, n = (pool(base(**b, use_cache=False).last_hidden_state) for b in (nce["q"], nce["p"], nce["n"]))
+            res = info_nce(q, p, nce["temperature"], hard_negatives=n, target_ids=nce["ids"])
+            out.update(nce=res.loss, acc=res.accuracy)
+        return out
+
+
+def world_corpus(seed: int, n: int) -> list[str]:
+    """Text the tokenizer is trained on: every kind of question, answer, instruction and candidate."""
+    rng = np.random.default_rng([seed, 99])
+    texts = []
+    for _ in range(n):
+        s = sample_skill(rng)
+        texts += [s.question, s.answer]
+    for name in DATASETS:
+        for i in range(n // 8):
+            it = make_item(name, seed, "stream", 10_000_000 + i, 0.65)
+            texts += [it.query_inst, it.query_text, it.answer, it.target_inst, *it.gold_steps,
+                      *[t for t, _ in it.candidates if t]]
+    return texts
+
+
+def world_fingerprint(tokenizer) -> str:
+    """Hash of the world generator's output and the tokenizer: a committed foundation must match both."""
+    h = hashlib.sha256(WORLD_VERSION.encode())
+    for name in sorted(DATASETS):
+        it = make_item(name, 0, "eval", 0, 0.65)
+        h.update(repr((it.query_inst, it.query_text, it.answer, it.gold_steps, it.candidates)).encode())
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        s = sample_skill(rng)
+        h.update(repr(s).encode())
+    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+N_TOKEN_POSITIONS = 27 + 8  # scene cells 0-8 (storyboard frames: 9 * frame + cell), page tokens 27-34
+
+
+def token_labels(visual) -> list[int]:
+    if isinstance(visual, (Scene, Page)):
+        return visual.token_labels()
+    if isinstance(visual, Video):
+        return [lab for f in visual.frames for lab in f.token_labels()]
+    return []
+
+
+def token_positions(visual, video_mode: str = "frames_as_images") -> list[int]:
+    """Where each merged image token sits (a frame's own index only when frames share one storyboard)."""
+    if isinstance(visual, Scene):
+        return list(range(9))
+    if isinstance(visual, Page):
+        return list(range(27, 35))
+    if isinstance(visual, Video):
+        if video_mode == "storyboard":
+            return list(range(9 * len(visual.frames)))
+        return list(range(9)) * len(visual.frames)
+    return []
+
+
+def answer_labels(backbone: Backbone, batch: dict, answers: list[str]) -> torch.Tensor:
+    """Labels for next-token loss on the answers only (-100 elsewhere, padding included)."""
+    ids = batch["input_ids"]
+    labels = torch.full_like(ids, -100)
+    for i, a in enumerate(answers):
+        n = len(backbone.tokenizer(a, add_special_tokens=False)["input_ids"])
+        labels[i, -n:] = ids[i, -n:]
+    return labels
+
+
+def lm_loss(backbone: Backbone | None, model: torch.nn.Module, batch: dict, labels: torch.Tensor, head=None,
+            tok_labels: list[int] | None = None, pos_head=None,
+            tok_positions: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss on labelled positions, and the attribute-head loss on image tokens."""
+    base = base_model(model)
+    mm = None
+    aux = torch.zeros(())
+    if "pixel_values" in batch:
+        mm = base.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+        if head is not None and tok_labels:
+            feats = torch.cat(mm.pooler_output)  # (n_image_tokens, hidden)
+            aux = F.cross_entropy(head(feats), torch.tensor(tok_labels))
+            if pos_head is not None and tok_positions:
+                aux = aux + F.cross_entropy(pos_head(feats), torch.tensor(tok_positions))
+    kw = {k: v for k, v in batch.items() if k != "pixel_values"}
+    if mm is not None:
+        kw["mm_encoder_outputs"] = {"image": mm}
+    states = base(**kw, use_cache=False).last_hidden_state
+    logits = model.lm_head(states[:, :-1]) if hasattr(model, "lm_head") else model.get_output_embeddings()(states[:, :-1])
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    return lm, aux
+
+
+def contrastive_batch(cfg: FoundationConfig, seed: int, step: int, n: int):
+    """Query / positive / hard-negative inputs for ``n`` fresh items of random datasets."""
+    rng = np.random.default_rng([seed, step, distributed.rank(), 1])
+    names = sorted(DATASETS)
+    qs, ps, ns, ids = [], [], [], []
+    for i in range(n):
+        name = names[int(rng.integers(len(names)))]
+        it = make_item(name, seed, "stream", (step * n + i) * max(1, distributed.world_size()) + distributed.rank(),
+                       cfg.hard_fraction)
+        cands = item_candidates(it)
+        qs.append(item_query(it))
+        ps.append(cands[it.labels[0]])
+        ids.append(candidate_key(*it.candidates[it.labels[0]]))
+        if len(cands) > 1:
+            others = [j for j in range(len(cands)) if j not in it.labels]
+            ns += [cands[int(j)] for j in rng.choice(others, cfg.hard_negatives, replace=False)]
+        else:  # global tasks: near misses (a page that satisfies one condition only) or fresh videos
+            for _ in range(cfg.hard_negatives):
+                ns.append(Input("", to_pil(near_miss(it, rng)), it.target_inst))
+    return qs, ps, ns, ids
+
+
+def near_miss(item, rng):
+    """A global-task negative: for a page query, the target page with the second condition broken."""
+    target = item.candidates[0][1]
+    if isinstance(target, Page):
+        (ka, _), (kb, vb) = item.meta["conditions"]
+        rows = tuple((k, d if k != kb else str((int(d) + int(rng.integers(1, 10))) % 10)) for k, d in target.rows)
+        return Page(rows)
+    return random_video(rng)
+
+
+def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
+    """Batches are a pure function of (seed, step, rank): resumable and identical across restarts."""
+    world = max(1, distributed.world_size())
+
+    def step_fn(step: int, module) -> dict:
+        rng = np.random.default_rng([seed, step, distributed.rank(), 0])
+        weights = cfg.see_weights if step < cfg.see_steps else None
+        skills = [sample_skill(rng, weights) for _ in range(cfg.gen_batch // world)]
+        answers = [s.answer + "<|im_end|>" for s in skills]
+        batch = collate(backbone, [Input(s.question, to_pil(s.visual)) for s in skills], answers)
+        gen = {"batch": batch, "labels": answer_labels(backbone, batch, answers),
+               "tok_labels": [lab for s in skills for lab in token_labels(s.visual)],
+               "tok_positions": [p for s in skills for p in token_positions(s.visual, backbone.video_mode)]
+               if cfg.position_head else None}
+        nce = None
+        if step >= cfg.see_steps and cfg.nce_weight > 0:
+            qs, ps, ns, ids = contrastive_batch(cfg, seed, step, cfg.nce_batch // world)
+            nce = {"q": collate(backbone, qs), "p": collate(backbone, ps), "n": collate(backbone, ns), "ids": ids,
+                   "temperature": cfg.temperature}
+        out = module(gen, nce)
+        loss = out["lm"] + cfg.aux_weight * out["aux"] + (cfg.nce_weight * out["nce"] if nce else 0.0)
+        return {**{k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}, "loss": loss}
+    return step_fn
+
+
+def train_foundation(out: str | Path, cfg: FoundationConfig = FoundationConfig(), seed: int = 0,
+                     resume: bool = True, stop_after: int | None = None) -> Backbone:
+    """Train stage 0 from scratch (tokenizer included) and save the backbone to ``out``."""
+    out = Path(out)
+    work = out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    distributed.seed_everything(seed)
+    tok_dir = work / "tokenizer"
+    if distributed.is_main() and not tok_dir.exists():
+        train_tokenizer(world_corpus(seed, cfg.tokenizer_corpus), cfg.spec.vocab_size).save_pretrained(tok_dir)
+    distributed.barrier()
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir, padding_side="left")
+    backbone = build_tiny(cfg.spec, tokenizer, seed, cfg.video_mode)
+    stage = Stage0(backbone)
+    res = run_loop(stage, make_step_fn(backbone, cfg, seed), cfg.loop, work, resume=resume,
+                   stop_after=stop_after, desc="stage 0")
+    if res.steps_done < cfg.loop.steps or not distributed.is_main():
+        return backbone
+    backbone.save(out)
+    (out / "training_log.jsonl").write_text((work / "metrics.jsonl").read_text())
+    acc = description_accuracy(backbone, seed=seed + 1000, n=100)
+    meta = {"world_version": WORLD_VERSION, "fingerprint": world_fingerprint(tokenizer), "seed": seed,
+            "config": asdict(cfg), "description_accuracy": acc, "wall_s": res.wall_s}
+    atomic_write_text(out / "foundation.json", json.dumps(meta, indent=1))
+    return backbone
+
+
+def load_foundation(path: str | Path) -> tuple[Backbone, dict]:
+    """Load a foundation checkpoint and check it matches the current world and tokenizer."""
+    backbone = load_backbone(path, expect_arch=None)
+    meta = json.loads((Path(path) / "foundation.json").read_text())
+    if meta["fingerprint"] != world_fingerprint(backbone.tokenizer):
+        log.warning("%s was trained on another version of the toy world: rerun `make foundation`", path)
+    return backbone, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# does it see? greedy descriptions of held-out scenes, frames and pages, scored cell by cell
+
+
+@torch.no_grad()
+def generate(backbone: Backbone, inputs: list[Input], max_new_tokens: int = 80, batch_size: int = 32) -> list[str]:
+    """Greedy answers (assistant turn) for a list of inputs."""
+    model = backbone.model
+    was = model.training
+    model.eval()
+    outs = []
+    eos = backbone.token_id("<|im_end|>")
+    for s in range(0, len(inputs), batch_size):
+        batch = collate(backbone, inputs[s:s + batch_size], [""] * len(inputs[s:s + batch_size]))
+        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=backbone.tokenizer.pad_token_id)
+        new = gen[:, batch["input_ids"].shape[1]:]
+        outs += backbone.tokenizer.batch_decode(new, skip_special_tokens=True)
+    model.train(was)
+    return outs
+
+
+_CELL = re.compile(r"(" + "|".join(POSITIONS) + r") (empty|\w+ \w+)\.")
+_ROW = re.compile(r"row (\w+) (\w) is (\w)\.")
+
+
+def score_scene_text(text: str, scene: Scene) -> dict[str, list[float]]:
+    said = {m.group(1): m.group(2) for m in _CELL.finditer(text)}
+    r = {"occupancy": [], "colour": [], "shape": []}
+    for i, o in enumerate(scene.cells):
+        got = said.get(POSITIONS[i], "?")
+        r["occupancy"].append(float((got == "empty") == (o is None) and got != "?"))
+        if o is not None:
+            parts = got.split()
+            r["colour"].append(float(len(parts) == 2 and parts[0] == o.colour))
+            r["shape"].append(float(len(parts) == 2 and parts[1] == o.shape))
+    return r
+
+
+def score_page_text(text: str, page: Page) -> dict[str, list[float]]:
+    said = {m.group(1): (m.group(2), m.group(3)) for m in _ROW.finditer(text)}
+    r = {"letter": [], "digit": []}
+    for i, (k, d) in enumerate(page.rows):
+        got = said.get(ORDINALS[i], ("?", "?"))
+        r["letter"].append(float(got[0] == k))
+        r["digit"].append(float(got[1] == d))
+    return r
+
+
+def description_accuracy(backbone: Backbone, seed: int = 1000, n: int = 100) -> dict[str, float]:
+    """Per-attribute accuracy of greedy descriptions on held-out scenes, video frames and pages."""
+    rng = np.random.default_rng([seed, 7])
+    scenes = [describe_scene(rng) for _ in range(n)]
+    frames = [describe_frame(rng) for _ in range(n)]
+    pages = [describe_page(rng) for _ in range(n)]
+    acc: dict[str, list[float]] = {}
+    texts = generate(backbone, [Input(s.question, to_pil(s.visual)) for s in scenes + frames + pages])
+    for s, t in zip(scenes, texts[:n]):
+        for k, v in score_scene_text(t, s.visual).items():
+            acc.setdefault(k, []).extend(v)
+    for s, t in zip(frames, texts[n:2 * n]):
+        idx = int(s.question.split()[2].rstrip(".")) - 1
+        for k, v in score_scene_text(t, s.visual.frames[idx]).items():
+            acc.setdefault("frame_" + k, []).extend(v)
+    for s, t in zip(pages, texts[2 * n:]):
+        for k, v in score_page_text(t, s.visual).items():
+            acc.setdefault("page_" + k, []).extend(v)
+    return {k: float(np.mean(v)) for k, v in acc.items()}

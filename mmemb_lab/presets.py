@@ -1,0 +1,47 @@
+"""Run configurations: dataclasses composed into one run config, and named presets as plain functions.
+
+``tiny()`` is the CPU preset that ``make demo`` and the tests use (2 cores, minutes); every field is
+documented where it is defined (WorldConfig, FinetuneConfig, LoopConfig). A run writes its resolved
+config next to its outputs (``config.json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .finetune import FinetuneConfig
+from .train import LoopConfig
+from .world.build import WorldConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: str
+    """Name of the preset this config came from."""
+    world: WorldConfig = field(default_factory=WorldConfig)
+    """The toy world to generate and evaluate on."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Contrastive fine-tuning after stage 0 (steps=0 skips it)."""
+    description_items: int = 100
+    """Held-out scenes, frames and pages each, to measure what the foundation model sees."""
+    latency_sample: int = 16
+    """Queries per dataset timed one at a time."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tiny(seed: int = 0) -> RunConfig:
+    """CPU preset: 8 toy datasets x 100 eval queries, 256 training rows each, 100 fine-tuning steps."""
+    return RunConfig("tiny", WorldConfig(seed=seed, n_train=256, n_eval=100),
+                     FinetuneConfig(loop=LoopConfig(steps=100, lr=2e-4, warmup=10, ckpt_every=25, seed=seed)))
+
+
+def smoke(seed: int = 0) -> RunConfig:
+    """Seconds-long preset for tests: tiny sizes everywhere."""
+    return RunConfig("smoke", WorldConfig(seed=seed, n_train=16, n_eval=12),
+                     FinetuneConfig(loop=LoopConfig(steps=4, lr=2e-4, warmup=1, ckpt_every=2, seed=seed),
+                                    batch_size=8), description_items=4, latency_sample=2)
+
+
+PRESETS = {"tiny": tiny, "smoke": smoke}

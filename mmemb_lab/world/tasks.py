@@ -1,0 +1,414 @@
+"""The toy world's tasks: MMEB-V2-shaped datasets whose items are easy (one lookup) or hard (a chain).
+
+Concept
+    Every dataset mixes **easy** items, which a direct embedding can solve (one atomic lookup: what is
+    at a cell, which object is the star, what appears first, what a page says), and **hard** items whose
+    answer needs a chain of 3-4 atomic hops. A 3-layer model composes about two hops in one forward
+    pass (../shared/notes/tiny-vlm-from-scratch.md), so a hard item is hard by *depth*, and a short
+    rationale - one clause per hop - turns it back into lookups.
+
+    Two kinds of chain, depending on which side holds the information:
+    - **visual chains** (the query has an image or video): start at an anchor object, then "go to the
+      other object of its colour", "... of that one's shape", ... Each hop is a lookup whose key depends
+      on what the previous hop read, so no fixed offset shortcuts it.
+    - **text chains** (the query is text: text-to-image, video retrieval, visual documents): an attribute
+      is given by composition - "the colour after the colour after red", "the cell below the cell right
+      of top-left", "the letter after B", "3 plus 4 minus 2" - and a rationale resolves it.
+
+    For analysis only, every item stores ``needs_reasoning``, its gold reasoning steps and hop count;
+    the model never sees them.
+
+Used by: ``mmemb_lab.world.build`` (datasets on disk), the stage-0 foundation (fresh items every step)
+and notebook 01. Paper mapping: the MMEB-V2 meta-tasks (image CLS/QA/RET/GD, video QA/RET, visdoc).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import numpy as np
+
+from .scenes import (
+    COLOURS, LETTERS, POSITIONS, SHAPES, Event, Obj, Page, Scene, Video, colour_after, letter_after,
+    random_obj, random_page, random_scene, step,
+)
+
+Visual = Union[Scene, Video, Page, Obj, None]
+N_LOCAL_CANDIDATES = 24  # local tasks rank 24 candidates: chance = 1/24 = 4.2%
+
+
+@dataclass(frozen=True)
+class Item:
+    """One query with its candidates (local tasks) or its target (global tasks) and its ground truth."""
+
+    dataset: str
+    item_id: str
+    query_inst: str
+    query_text: str
+    query_visual: Visual
+    candidates: tuple  # of (text, visual) pairs; for global tasks: just the target
+    labels: tuple[int, ...]
+    needs_reasoning: bool
+    gold_steps: tuple[str, ...]
+    answer: str
+    target_inst: str = ""
+    meta: dict = field(default_factory=dict, compare=False)  # predicate data for global qrels
+
+
+def obj_at(scene: Scene, pos: int) -> str:
+    return f"{POSITIONS[pos]} {scene.cells[pos].name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# visual chains
+
+
+def follow_chain(scene: Scene, start: int, attrs: tuple[str, ...]) -> list[int] | None:
+    """Positions visited from ``start`` following "the other object sharing <attr>"; None if ambiguous."""
+    path = [start]
+    for attr in attrs:
+        cur = scene.cells[path[-1]]
+        value = getattr(cur, attr)
+        others = [i for i in (scene.where(colour=value) if attr == "colour" else scene.where(shape=value))
+                  if i != path[-1]]
+        if len(others) != 1 or others[0] in path:
+            return None
+        path.append(others[0])
+    return path
+
+
+def chain_scene(rng: np.random.Generator, n_links: int,
+                anchor_unique: bool = True) -> tuple[Scene, list[int], tuple[str, ...]]:
+    """A scene holding a valid chain of ``n_links`` hops from an anchor, built then verified."""
+    attrs = tuple("colour" if k % 2 == 0 else "shape" for k in range(n_links))
+    for _ in range(1000):
+        cells: list[Obj | None] = [None] * 9
+        path = [int(p) for p in rng.choice(9, n_links + 1, replace=False)]
+        cols = list(rng.choice(len(COLOURS), n_links + 1))
+        shps = list(rng.choice(len(SHAPES), n_links + 1))
+        for k, attr in enumerate(attrs):  # link k joins path[k] and path[k+1]
+            if attr == "colour":
+                cols[k + 1] = cols[k]
+            else:
+                shps[k + 1] = shps[k]
+        for k, p in enumerate(path):
+            cells[p] = Obj(COLOURS[int(cols[k])], SHAPES[int(shps[k])])
+        for p in rng.choice([i for i in range(9) if i not in path], int(rng.integers(0, 3)), replace=False):
+            cells[int(p)] = random_obj(rng)
+        scene = Scene(tuple(cells))
+        if anchor_unique and len(scene.where(shape=scene.cells[path[0]].shape)) != 1:
+            continue
+        if follow_chain(scene, path[0], attrs) == path:
+            return scene, path, attrs
+    raise RuntimeError("could not build a chain scene")  # pragma: no cover
+
+
+def chain_steps(scene: Scene, path: list[int], attrs: tuple[str, ...], first: str) -> tuple[str, ...]:
+    steps = [f"{first}: {obj_at(scene, path[0])}."]
+    for k, attr in enumerate(attrs):
+        value = getattr(scene.cells[path[k]], attr)
+        steps.append(f"other {value}: {obj_at(scene, path[k + 1])}.")
+    return tuple(steps)
+
+
+def chain_phrase(attrs: tuple[str, ...]) -> str:
+    return "follow " + " then ".join(attrs)
+
+
+def image_query(rng: np.random.Generator, hard: bool) -> tuple[Scene, str, int, tuple[str, ...]]:
+    """(scene, referring expression, referred position, gold steps) for image-query tasks."""
+    if hard:
+        scene, path, attrs = chain_scene(rng, int(rng.integers(2, 4)))
+        shape = scene.cells[path[0]].shape
+        return scene, f"from the {shape} {chain_phrase(attrs)}", path[-1], chain_steps(scene, path, attrs, shape)
+    scene, path, _ = chain_scene(rng, 0)
+    if rng.random() < 0.5:
+        pos = int(rng.choice([i for i, _ in scene.objects()]))
+        return scene, f"the object at {POSITIONS[pos]}", pos, (f"{POSITIONS[pos]}: {obj_at(scene, pos)}.",)
+    shape = scene.cells[path[0]].shape
+    return scene, f"the {shape}", path[0], (f"{shape}: {obj_at(scene, path[0])}.",)
+
+
+def _distinct_texts(rng, positive: str, hard_negs: list[str], sample: Callable[[], str], n: int) -> tuple[list[str], int]:
+    texts = [positive] + [t for t in dict.fromkeys(hard_negs) if t != positive]
+    texts = texts[:n]
+    while len(texts) < n:
+        t = sample()
+        if t not in texts:
+            texts.append(t)
+    order = rng.permutation(n)
+    shuffled = [texts[i] for i in order]
+    return shuffled, int(np.where(order == 0)[0][0])
+
+
+def _rand_obj_at(rng) -> str:
+    return f"{POSITIONS[rng.integers(9)]} {random_obj(rng).name}"
+
+
+def make_cls(rng, idx, hard):
+    scene, expr, pos, steps = image_query(rng, hard)
+    pos_text = scene.cells[pos].name
+    negs = [o.name for _, o in scene.objects()]
+    texts, label = _distinct_texts(rng, pos_text, negs, lambda: random_obj(rng).name, N_LOCAL_CANDIDATES)
+    return Item("toy_cls", f"cls-{idx}", "Classify the indicated object in the image:", expr + ".", scene,
+                tuple((t, None) for t in texts), (label,), hard, steps, pos_text)
+
+
+def make_qa(rng, idx, hard):
+    scene, expr, pos, steps = image_query(rng, hard)
+    pos_text = obj_at(scene, pos)
+    negs = [obj_at(scene, i) for i, _ in scene.objects()]
+    texts, label = _distinct_texts(rng, pos_text, negs, lambda: _rand_obj_at(rng), N_LOCAL_CANDIDATES)
+    return Item("toy_qa", f"qa-{idx}", "Represent the given image with the following question:",
+                f"which object is {expr}?", scene, tuple((t, None) for t in texts), (label,), hard, steps, pos_text)
+
+
+def make_gd(rng, idx, hard):
+    scene, expr, pos, steps = image_query(rng, hard)
+    target = scene.cells[pos]
+    negs = [o for _, o in scene.objects() if o != target]
+    objs = [target] + list(dict.fromkeys(negs))
+    while len(objs) < N_LOCAL_CANDIDATES:
+        o = random_obj(rng)
+        if o not in objs:
+            objs.append(o)
+    order = rng.permutation(len(objs))
+    cands = tuple(("", objs[i]) for i in order)
+    return Item("toy_gd", f"gd-{idx}", "Select the portion of the image that isolates the object:", expr + ".",
+                scene, cands, (int(np.where(order == 0)[0][0]),), hard, steps, target.name,
+                target_inst="Represent the given cropped image of the object.")
+
+
+def scene_caption(scene: Scene) -> str:
+    return ", ".join(f"{o.name} at {POSITIONS[i]}" for i, o in scene.objects()) + "."
+
+
+def make_i2t(rng, idx, hard):
+    if hard:
+        scene, expr, pos, steps = image_query(rng, True)
+        o = scene.cells[pos]
+        pos_text = f"{o.name} at {POSITIONS[pos]}."
+        negs = [f"{x.name} at {POSITIONS[i]}." for i, x in scene.objects()]
+        sample = lambda: f"{random_obj(rng).name} at {POSITIONS[rng.integers(9)]}."  # noqa: E731
+        text = f"find a caption of the object reached {expr}."
+    else:
+        scene = random_scene(rng, 2, 4)
+        pos_text, steps, text = scene_caption(scene), (), "find a caption of the whole image."
+        negs = []
+        for _ in range(6):  # near misses: one object changed
+            cells = list(scene.cells)
+            i = int(rng.choice([i for i, _ in scene.objects()]))
+            cells[i] = random_obj(rng)
+            negs.append(scene_caption(Scene(tuple(cells))))
+        sample = lambda: scene_caption(random_scene(rng, 2, 4))  # noqa: E731
+    texts, label = _distinct_texts(rng, pos_text, negs, sample, N_LOCAL_CANDIDATES)
+    return Item("toy_i2t", f"i2t-{idx}", "Find an image caption describing the given everyday image:", text,
+                scene, tuple((t, None) for t in texts), (label,), hard, steps, pos_text)
+
+
+# ---------------------------------------------------------------------------------------------
+# text chains
+
+
+def colour_chain(rng, colour: str, hops: int) -> tuple[str, list[str]]:
+    """Describe ``colour`` as ``hops`` successors of another colour; returns (phrase, steps)."""
+    seed = COLOURS[(COLOURS.index(colour) - hops) % len(COLOURS)]
+    phrase, steps, cur = seed, [], seed
+    for _ in range(hops):
+        phrase = f"the colour after {phrase}"
+        steps.append(f"after {cur} is {colour_after(cur)}.")
+        cur = colour_after(cur)
+    return phrase, steps
+
+
+def position_chain(rng, pos: int, hops: int) -> tuple[str, list[str]] | None:
+    """Describe cell ``pos`` by ``hops`` moves from another cell; None if no such walk exists."""
+    for _ in range(50):
+        dirs, cur = [], pos
+        for _ in range(hops):  # walk backwards from pos
+            opts = [d for d in ("right", "left", "above", "below") if step(cur, _opposite(d)) is not None]
+            d = opts[int(rng.integers(len(opts)))]
+            cur = step(cur, _opposite(d))
+            dirs.append(d)
+        dirs.reverse()
+        phrase, steps, c = POSITIONS[cur], [], cur
+        for d in dirs:
+            phrase = f"the cell {d} of {phrase}"
+            steps.append(f"{d} of {POSITIONS[c]} is {POSITIONS[step(c, d)]}.")
+            c = step(c, d)
+        if c == pos:
+            return phrase, steps
+    return None
+
+
+def _opposite(d: str) -> str:
+    return {"right": "left", "left": "right", "above": "below", "below": "above"}[d]
+
+
+def described_object(rng, obj: Obj, pos: int, hard: bool) -> tuple[str, list[str]]:
+    if not hard:
+        art = "an" if obj.colour[0] in "aeiou" else "a"
+        return f"{art} {obj.colour} {obj.shape} at {POSITIONS[pos]}", []
+    hc = int(rng.integers(1, 3))
+    cphrase, csteps = colour_chain(rng, obj.colour, hc)
+    pphrase, psteps = position_chain(rng, pos, 3 - hc if hc == 1 else int(rng.integers(1, 3)))
+    return (f"a {obj.shape} of {cphrase} at {pphrase}",
+            csteps + psteps + [f"so a {obj.colour} {obj.shape} at {POSITIONS[pos]}."])
+
+
+def make_t2i(rng, idx, hard):
+    scene = random_scene(rng, 2, 5)
+    objs = scene.objects()
+    (pa, oa), (pb, ob) = [objs[int(i)] for i in rng.choice(len(objs), 2, replace=False)]
+    da, _ = described_object(rng, oa, pa, False)
+    db, steps = described_object(rng, ob, pb, hard)
+    cands = [scene]
+    while len(cands) < N_LOCAL_CANDIDATES:  # near misses keep the easy object and change the other
+        cells = list(random_scene(rng, 1, 4).cells)
+        cells[pa] = oa
+        if rng.random() < 0.7:
+            alt = Obj(COLOURS[rng.integers(6)] if rng.random() < 0.5 else ob.colour,
+                      SHAPES[rng.integers(5)] if rng.random() < 0.5 else ob.shape)
+            cells[int(rng.integers(9)) if rng.random() < 0.5 else pb] = alt
+            cells[pa] = oa
+        cand = Scene(tuple(cells))
+        if cand.cells[pb] != ob and cand not in cands:
+            cands.append(cand)
+    order = rng.permutation(len(cands))
+    return Item("toy_t2i", f"t2i-{idx}", "Find me an everyday image that matches the given caption:",
+                f"{da} and {db}.", None, tuple(("", cands[i]) for i in order),
+                (int(np.where(order == 0)[0][0]),), hard, tuple(steps), scene_caption(scene),
+                target_inst="Represent the given image.")
+
+
+def video_scene_chain(rng, hard: bool) -> tuple[Video, list[int], tuple[str, ...]]:
+    """A 3-frame video: an anchor object appears, then another object appears, moves or leaves.
+
+    Built backwards from the final frame, which for hard items holds a chain starting at the anchor
+    (the anchor need not have a unique shape: the event identifies it).
+    """
+    for _ in range(200):
+        if hard:
+            final, path, attrs = chain_scene(rng, int(rng.integers(2, 4)), anchor_unique=False)
+        else:
+            final, attrs = random_scene(rng, 3, 6), ()
+            path = [int(rng.choice([i for i, _ in final.objects()]))]
+        others = [i for i, _ in final.objects() if i not in path]
+        empty = [i for i in range(9) if final.cells[i] is None]
+        kinds = [k for k, ok in (("appears", bool(others)), ("moves", bool(others) and bool(empty)),
+                                 ("leaves", bool(empty))) if ok]
+        if not kinds:
+            continue
+        kind = kinds[int(rng.integers(len(kinds)))]
+        mid = list(final.cells)
+        if kind == "appears":
+            x = int(rng.choice(others))
+            ev2 = Event(kind, final.cells[x], None, x)
+            mid[x] = None
+        elif kind == "moves":
+            x, s = int(rng.choice(others)), int(rng.choice(empty))
+            ev2 = Event(kind, final.cells[x], s, x)
+            mid[x], mid[s] = None, final.cells[x]
+        else:
+            s = int(rng.choice(empty))
+            ev2 = Event(kind, random_obj(rng), s, None)
+            mid[s] = ev2.obj
+        first = list(mid)
+        first[path[0]] = None
+        ev1 = Event("appears", final.cells[path[0]], None, path[0])
+        video = Video((Scene(tuple(first)), Scene(tuple(mid)), final), (ev1, ev2))
+        if not hard or follow_chain(final, path[0], attrs) == path:
+            return video, path, attrs
+    raise RuntimeError("could not build a video")  # pragma: no cover
+
+
+def make_video_qa(rng, idx, hard):
+    video, path, attrs = video_scene_chain(rng, hard)
+    final = video.frames[-1]
+    first = f"appears: {obj_at(final, path[0])}."
+    if hard:
+        steps = (first,) + chain_steps(final, path, attrs, "x")[1:]
+        text = f"start at the object that appears first, then {chain_phrase(attrs)}. which object is it?"
+    else:
+        steps, text = (first,), "which object appears first?"
+    pos_text = obj_at(final, path[-1])
+    negs = [obj_at(final, i) for i, _ in final.objects()]
+    texts, label = _distinct_texts(rng, pos_text, negs, lambda: _rand_obj_at(rng), N_LOCAL_CANDIDATES)
+    return Item("toy_video_qa", f"vqa-{idx}", "Given the video, answer the question:", text, video,
+                tuple((t, None) for t in texts), (label,), hard, steps, pos_text)
+
+
+def make_video_ret(rng, idx, hard):
+    video, _, _ = video_scene_chain(rng, False)
+    ev1, ev2 = video.events
+    d1, steps = described_object(rng, ev1.obj, ev1.dst, hard)
+    text = f"first {d1} appears, then {ev2.describe()}"
+    return Item("toy_video_ret", f"vret-{idx}", "Find the video that matches the description:", text, None,
+                (("", video),), (0,), hard, tuple(steps), f"{ev1.describe()} {ev2.describe()}",
+                target_inst="Understand the content of the provided video.",
+                meta={"events": [ev1.describe(), ev2.describe()]})
+
+
+def make_doc(rng, idx, hard):
+    page = random_page(rng)
+    (ka, va), (kb, vb) = [page.rows[int(i)] for i in rng.choice(len(page.rows), 2, replace=False)]
+    steps: list[str] = []
+    kphrase, vphrase = kb, vb
+    if hard:
+        hops = int(rng.integers(1, 3))
+        k0 = LETTERS[(LETTERS.index(kb) - hops) % len(LETTERS)]
+        kphrase, cur = k0, k0
+        for _ in range(hops):
+            kphrase = f"the letter after {kphrase}"
+            steps.append(f"after {cur} is {letter_after(cur)}.")
+            cur = letter_after(cur)
+        v = int(vb)
+        a = int(rng.integers(0, v + 1))
+        vphrase = f"{a} plus {v - a}"
+        if len(steps) < 2:  # a second arithmetic hop: a + b - c
+            c = int(rng.integers(0, 10 - v))
+            vphrase = f"{a} plus {v - a + c} minus {c}"
+            steps += [f"{a} plus {v - a + c} is {v + c}.", f"{v + c} minus {c} is {v}."]
+        else:
+            steps.append(f"{a} plus {v - a} is {v}.")
+        steps.append(f"so {kb} is {vb}.")
+    text = f"a page where {ka} is {va} and {kphrase} is {vphrase}."
+    return Item("toy_doc", f"doc-{idx}", "Find a document image that matches the given query:", text, None,
+                (("", page),), (0,), hard, tuple(steps), f"{ka} is {va} and {kb} is {vb}",
+                target_inst="Understand the content of the provided document image.",
+                meta={"conditions": [[ka, va], [kb, vb]]})
+
+
+# name -> (builder, modality, meta_task, eval_type)
+DATASETS: dict[str, tuple[Callable, str, str, str]] = {
+    "toy_cls": (make_cls, "image", "CLS", "local"),
+    "toy_qa": (make_qa, "image", "QA", "local"),
+    "toy_i2t": (make_i2t, "image", "RET", "local"),
+    "toy_t2i": (make_t2i, "image", "RET", "local"),
+    "toy_gd": (make_gd, "image", "GD", "local"),
+    "toy_video_qa": (make_video_qa, "video", "QA", "local"),
+    "toy_video_ret": (make_video_ret, "video", "RET", "global"),
+    "toy_doc": (make_doc, "visdoc", "VDRv1", "global"),
+}
+
+
+def item_rng(seed: int, dataset: str, split: str, idx: int) -> np.random.Generator:
+    """Independent stream per (seed, dataset, split, index): any item is reproducible on its own."""
+    key = [seed, sorted(DATASETS).index(dataset), {"train": 0, "eval": 1, "stream": 2}[split], idx]
+    return np.random.default_rng(key)
+
+
+def make_item(dataset: str, seed: int, split: str, idx: int, hard_fraction: float) -> Item:
+    rng = item_rng(seed, dataset, split, idx)
+    hard = bool(rng.random() < hard_fraction)
+    return DATASETS[dataset][0](rng, idx, hard)
+
+
+def relevant(item: Item, target: Visual) -> bool:
+    """Does a pool entry satisfy a global query? (builds the qrels of toy_doc and toy_video_ret)."""
+    if isinstance(target, Page):
+        return all(target.value(k) == v for k, v in item.meta["conditions"])
+    if isinstance(target, Video):
+        return [e.describe() for e in target.events] == item.meta["events"]
+    return False

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny random backbone per architecture and a seconds-sized toy world."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SMALL = dict(hidden=64, layers=2, heads=2, kv_heads=1, ffn=128, vision_dim=32, vision_depth=1, vision_heads=1,
+             vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from mmemb_lab.backbone import train_tokenizer
+    from mmemb_lab.foundation import world_corpus
+
+    return train_tokenizer(world_corpus(0, 300), 400)
+
+
+@pytest.fixture(scope="session")
+def make_backbone(tokenizer):
+    from mmemb_lab.backbone import TinySpec, build_tiny
+
+    def make(arch="qwen3_vl", seed=0):
+        bb = build_tiny(TinySpec(arch=arch, **SMALL), tokenizer, seed=seed)
+        bb.model.eval()
+        return bb
+    return make
+
+
+@pytest.fixture(scope="session")
+def backbone(make_backbone):
+    return make_backbone()
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    from mmemb_lab.world.build import WorldConfig, build_world
+
+    root = tmp_path_factory.mktemp("world") / "w"
+    info = build_world(root, WorldConfig(seed=3, n_train=16, n_eval=12), progress=False)
+    return root, info
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+    yield

@@ -1,0 +1,99 @@
+"""The toy world: deterministic, MMEB-shaped, and its ground truth is consistent."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from mmemb_lab.world.scenes import POSITIONS, Scene, render_scene
+from mmemb_lab.world.tasks import DATASETS, N_LOCAL_CANDIDATES, follow_chain, make_item, relevant
+from mmemb_lab.world.build import WorldConfig, build_world
+
+
+def _tree_digest(root):
+    """Hash of every record (as loaded) and every image byte of a world folder."""
+    from datasets import load_from_disk
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.png")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    for p in sorted(root.rglob("dataset_info.json")):
+        ds = load_from_disk(str(p.parent))
+        h.update(json.dumps(ds.to_list(), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def test_same_seed_gives_identical_world_and_other_seed_differs(tmp_path):
+    cfg = WorldConfig(seed=5, n_train=4, n_eval=4)
+    build_world(tmp_path / "a", cfg, progress=False)
+    build_world(tmp_path / "b", cfg, progress=False)
+    build_world(tmp_path / "c", WorldConfig(seed=6, n_train=4, n_eval=4), progress=False)
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+    assert _tree_digest(tmp_path / "a") != _tree_digest(tmp_path / "c")
+
+
+def test_world_mirrors_mmeb_structure(small_world):
+    _, info = small_world
+    ds = info["datasets"]
+    assert len(ds) >= 8
+    assert {d["modality"] for d in ds.values()} == {"image", "video", "visdoc"}
+    assert {d["meta_task"] for d in ds.values() if d["modality"] == "image"} >= {"CLS", "QA", "RET", "GD"}
+    for name, d in ds.items():
+        if d["eval_type"] == "local":
+            assert d["n_candidates"] >= 20, name  # chance <= 5%
+    assert ds["toy_doc"]["eval_type"] == "global" and ds["toy_video_ret"]["eval_type"] == "global"
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_items_have_consistent_ground_truth(name):
+    hard = []
+    for i in range(60):
+        it = make_item(name, 0, "eval", i, 0.65)
+        hard.append(it.needs_reasoning)
+        assert it.query_text.strip()
+        if it.needs_reasoning:
+            assert len(it.gold_steps) >= 3, it  # a chain of several hops
+        if DATASETS[name][3] == "local":
+            assert len(it.candidates) == N_LOCAL_CANDIDATES
+            keys = [(t, repr(v)) for t, v in it.candidates]
+            assert len(set(keys)) == len(keys), "duplicate candidates"
+            assert len(it.labels) == 1
+        else:
+            assert relevant(it, it.candidates[0][1])
+    assert 0.45 < np.mean(hard) < 0.85  # roughly 60-75% hard by construction
+
+
+def test_visual_chains_are_unambiguous_and_end_at_the_answer():
+    for i in range(100):
+        it = make_item("toy_qa", 1, "eval", i, 1.0)
+        scene = it.query_visual
+        attrs = tuple(w.strip("?.") for w in it.query_text.split() if w.strip("?.") in ("colour", "shape"))
+        anchor_shape = it.query_text.split("from the ")[1].split()[0]
+        start = scene.where(shape=anchor_shape)
+        assert len(start) == 1
+        path = follow_chain(scene, start[0], attrs)
+        assert path is not None
+        assert it.answer == f"{POSITIONS[path[-1]]} {scene.cells[path[-1]].name}"
+        assert it.gold_steps[-1].endswith(f"{it.answer}.")
+
+
+def test_cells_align_with_merged_image_tokens():
+    scene = make_item("toy_cls", 0, "eval", 0, 0.0).query_visual
+    img = np.asarray(render_scene(scene))
+    assert img.shape == (96, 96, 3)
+    for i, o in enumerate(scene.cells):  # an empty cell is pure background, a full one is not
+        r, c = divmod(i, 3)
+        cell = img[32 * r:32 * r + 32, 32 * c:32 * c + 32]
+        assert (cell.std() == 0) == (o is None)
+    assert isinstance(scene, Scene)
+
+
+def test_global_qrels_mark_every_satisfying_pool_entry(small_world):
+    from mmemb_lab.data import load_eval
+
+    root, _ = small_world
+    es = load_eval(root, "toy_doc", "global", strict=True)
+    assert all(q.relevance for q in es.queries)
+    assert all(f"c-{q.item_id[2:]}" in q.relevance for q in es.queries)
