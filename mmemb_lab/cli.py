@@ -107,6 +107,49 @@ def _datasets(a) -> None:
             print(f"{r['name']:<50} {r['modality']:<7} {r['meta_task']:<7} {r['metric']:<7} {r['eval_type']}")
 
 
+def _data(a) -> None:
+    from .mmeb import download
+
+    manifest = download(a.to, datasets=a.datasets or None, revision=a.revision)
+    print(json.dumps({"to": str(a.to), "datasets": len(manifest["datasets"])}, indent=1))
+
+
+def _benchmark(a) -> None:
+    import torch
+
+    from . import distributed
+    from .harness import HarnessConfig, MMEBSource, ToySource, run_benchmark
+    from .registry import benchmark
+    from .report import load_peers, table_from_result, table_markdown
+
+    if a.benchmark == "toy":
+        from .world.build import toy_registry
+
+        registry = toy_registry(json.loads((Path(a.data) / "world.json").read_text()))
+        source = ToySource(Path(a.data))
+    else:
+        registry, source = benchmark(a.benchmark), MMEBSource(Path(a.data))
+    full = dict(registry)
+    if a.datasets:
+        unknown = sorted(set(a.datasets) - set(registry))
+        if unknown:
+            raise SystemExit(f"not in {a.benchmark}: {unknown}")
+        registry = {k: v for k, v in registry.items() if k in a.datasets}
+    with distributed.init_from_env():
+        backbone = _load(a)
+        if torch.cuda.is_available():  # one GPU per rank; the harness moves batches to the model's device
+            import os
+
+            backbone.model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+        res = run_benchmark(backbone, source, registry, a.out, HarnessConfig(mode="direct", prompt=a.prompt,
+                                                                            strict=a.strict), benchmark=a.benchmark)
+    if res is not None:
+        print(json.dumps(res.summary(), indent=1))
+        if res.per_dataset:
+            peers = load_peers() if a.benchmark == "mmeb-v2" else ()
+            print(table_markdown([table_from_result(res, full)], full, peers))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmemb-lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -154,6 +197,26 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="speed benchmarks, JSON (what `make bench` runs)")
     s.add_argument("--out", default="runs/bench")
     s.set_defaults(fn=_bench)
+
+    s = sub.add_parser("data", help="fetch benchmark data from the Hugging Face Hub (resumable)")
+    dsub = s.add_subparsers(dest="action", required=True)
+    d = dsub.add_parser("download", help="download MMEB-V2 into a local folder (layout: mmemb_lab/mmeb.py)")
+    d.add_argument("benchmark", choices=["mmeb-v2"])
+    d.add_argument("--to", required=True, help="local folder (rerun to resume)")
+    d.add_argument("--datasets", nargs="*", help="subset of the registry's datasets (default: all 78)")
+    d.add_argument("--revision", default=None, help="Hub revision (default: main; the commit is recorded)")
+    s.set_defaults(fn=_data)
+
+    s = sub.add_parser("benchmark", help="score a backbone on MMEB-V2 or a toy world (cached, resumable, sharded)")
+    s.add_argument("--benchmark", default="mmeb-v2", choices=["mmeb-v2", "toy"])
+    s.add_argument("--data", required=True, help="MMEB-V2 folder (mmemb-lab data download) or a toy world folder")
+    s.add_argument("--backbone", default=None, help="checkpoint folder or Hub id (default: data/foundation)")
+    s.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
+    s.add_argument("--datasets", nargs="*", help="subset of the benchmark's datasets")
+    s.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    s.add_argument("--prompt", default="user", choices=["user", "chat", "raw"],
+                   help="prompt convention: user (ours), chat (system instruction), raw (VLM2Vec)")
+    s.set_defaults(fn=_benchmark)
 
     s = sub.add_parser("datasets", help="list a benchmark's datasets")
     s.add_argument("--benchmark", default="mmeb-v2", choices=["mmeb-v2", "toy"])

@@ -75,13 +75,17 @@ def info_nce(
     hard_negatives: Tensor | None = None,
     target_ids: Sequence | Tensor | None = None,
     gather: bool = True,
+    negative_ids: Sequence | None = None,
 ) -> ContrastiveOutput:
     """InfoNCE of ``query`` (B, D) against ``target`` (B, D) or (B + N, D) and optional ``hard_negatives``.
 
     The positive of query i is target i; rows B.. of ``target`` and all ``hard_negatives`` ((B, H, D) or
     (M, D), flattened either way) are extra negatives shared by every query. ``target_ids`` (length B)
-    marks duplicate positives to mask. With ``gather`` and a process group, all ranks must pass the same
-    kinds of inputs (hard negatives or not, ids or not), since each is gathered.
+    marks duplicate positives to mask. ``negative_ids`` (one per extra/hard negative row, in order) marks
+    negatives that are in fact some query's positive (same answer text): masked for that query. With
+    small answer spaces (the toy world's 30 classes) shared hard negatives collide with positives all the
+    time, and unmasked they push a query away from its own answer. With ``gather`` and a process group,
+    all ranks must pass the same kinds of inputs (hard negatives or not, ids or not), since each is gathered.
     """
     b, d = query.shape
     if target.shape[0] < b:
@@ -89,6 +93,7 @@ def info_nce(
     positives, extras = target[:b], target[b:]
     negatives = extras if hard_negatives is None else torch.cat([extras, hard_negatives.reshape(-1, d)])
     gathered = gather and distributed.is_distributed()
+    n_neg_local = negatives.shape[0]
     if gathered:
         query = distributed.all_gather_with_grad(query)
         positives = distributed.all_gather_with_grad(positives)
@@ -102,6 +107,11 @@ def info_nce(
         duplicate = ids_t[:, None] == ids_t[None, :]  # (n, n)
         duplicate.fill_diagonal_(False)  # the positive itself is never masked
         logits = torch.cat([logits[:, :n].masked_fill(duplicate, float("-inf")), logits[:, n:]], dim=1)
+        if negative_ids is not None:
+            neg_ids = _global_ids(negative_ids, n_neg_local, gathered)
+            neg_t = torch.tensor([code.get(i, -1 - k) for k, i in enumerate(neg_ids)], device=logits.device)
+            false_neg = ids_t[:, None] == neg_t[None, :]  # (n, n_negatives)
+            logits = torch.cat([logits[:, :n], logits[:, n:].masked_fill(false_neg, float("-inf"))], dim=1)
     labels = torch.arange(n, device=logits.device)
     loss = F.cross_entropy(logits, labels)
     if gathered:

@@ -127,7 +127,7 @@ def evaluate(backbone: Backbone, world_root: str | Path, registry: dict[str, Dat
     encode = encoder or direct_encoder(backbone)
     cand_encode = direct_encoder(backbone)
     per: dict[str, DatasetScore] = {}
-    lat, batched, nq = [], 0.0, 0
+    lat, batched, nq, gen_tokens = [], 0.0, 0, 0
     for name, info in tqdm(registry.items(), desc=f"eval {mode}", disable=not progress):
         es = load_eval(world_root, name, info.eval_type, strict=strict)
         if not es.queries:
@@ -135,10 +135,12 @@ def evaluate(backbone: Backbone, world_root: str | Path, registry: dict[str, Dat
             continue
         c_emb = cand_encode(list(es.candidates.values()))
         inputs = [q.query for q in es.queries]
+        n_tok0 = sum(getattr(encode, "generated_tokens", []))
         t = time.perf_counter()
         q_emb = encode(inputs)
         batched += time.perf_counter() - t
         nq += len(inputs)
+        gen_tokens += sum(getattr(encode, "generated_tokens", [])) - n_tok0
         lat.append(_latency(encode, inputs, latency_sample))
         per[name] = score_set(es, q_emb, c_emb, info.metric)
         if out_dir is not None:
@@ -152,7 +154,34 @@ def evaluate(backbone: Backbone, world_root: str | Path, registry: dict[str, Dat
 
     return EvalResult(mode, per, agg.overall, split(False), split(True), dict(agg.per_modality),
                       dict(agg.per_meta_task), float(np.mean(lat)) if lat else float("nan"),
-                      1000 * batched / max(1, nq))
+                      1000 * batched / max(1, nq), {"generated_tokens_per_query": gen_tokens / max(1, nq)})
+
+
+def combine_oracle(direct: EvalResult, always: EvalResult, registry: dict[str, DatasetInfo]) -> EvalResult:
+    """Per query, the better of direct and always (ties go to direct): an upper bound for any gate.
+
+    Latency and tokens are charged per query to the mode the oracle picks (reasoning only where it is
+    strictly better)."""
+    per, reason_share = {}, []
+    for name, d in direct.per_dataset.items():
+        a = always.per_dataset[name]
+        use = a.per_query > d.per_query
+        reason_share.append(use)
+        pq = np.where(use, a.per_query, d.per_query)
+        top1 = [ta if u else td for u, ta, td in zip(use, a.top1, d.top1)]
+        per[name] = DatasetScore(name, d.metric, 100 * float(pq.mean()), pq, d.needs_reasoning, top1, {}, d.skipped)
+    agg = aggregate({k: v.score for k, v in per.items()}, {k: registry[k] for k in per})
+    share = float(np.mean(np.concatenate(reason_share))) if reason_share else 0.0
+
+    def split(hard: bool) -> float | None:
+        vals = [v.split(hard) for v in per.values() if v.split(hard) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    lat = direct.latency_ms_per_query + share * (always.latency_ms_per_query - direct.latency_ms_per_query)
+    bat = direct.batched_ms_per_query + share * (always.batched_ms_per_query - direct.batched_ms_per_query)
+    tok = share * always.extra.get("generated_tokens_per_query", 0.0)
+    return EvalResult("oracle", per, agg.overall, split(False), split(True), dict(agg.per_modality),
+                      dict(agg.per_meta_task), lat, bat, {"generated_tokens_per_query": tok, "reasoning_share": share})
 
 
 def write_dataset_files(out: Path, s: DatasetScore, es: EvalSet) -> None:

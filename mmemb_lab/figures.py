@@ -120,3 +120,70 @@ def item_figure(scores, max_candidates: int = 12) -> go.Figure:
     fig.update_xaxes(showticklabels=False, row=1, col=1)
     fig.update_yaxes(showticklabels=False, row=1, col=1)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# latent reasoning and counterfactual selection (notebooks 02, 03; issue "reasoning as a latent variable")
+
+WORKER_COLOURS = {"concise": "#4C78A8", "verbose": "#72B7B2", "format_only": "#F58518", "hallucinating": "#E45756",
+                  "own": "#54A24B", "none": "#BBBBBB"}
+
+
+def latent_view_figure(view) -> go.Figure:
+    """Prior vs posterior over the values of r for one pair, with the likelihood p(t+ | q, r) as text."""
+    fig = go.Figure()
+    fig.add_bar(x=view.labels, y=view.prior, name="prior p(r | q)", marker_color="#BBBBBB")
+    fig.add_bar(x=view.labels, y=view.posterior, name="posterior p(r | q, t+)", marker_color=EASY,
+                text=[f"p(t+|q,r)={v:.2f}" for v in view.likelihood], textposition="outside")
+    fig.update_layout(title=f"{view.item.dataset}: {view.item.query_text}<br><sup>p(t+ | q) = {view.marginal:.3f}"
+                            f" ({'hard' if view.item.needs_reasoning else 'easy'} item)</sup>",
+                      barmode="group", yaxis_title="probability", yaxis_range=[0, 1.15], template="plotly_white")
+    return fig
+
+
+def gain_scatter(table, tau: float) -> go.Figure:
+    """Removal gain (x) vs swap gain (y) for every (pair, worker): the swap exposes format-only benefit."""
+    fig = go.Figure()
+    for j, w in enumerate(table.workers):
+        m = table.valid[:, j]
+        fig.add_scatter(x=table.gain_removal[m, j], y=table.gain_swap[m, j], mode="markers", name=w, opacity=0.6,
+                        marker_color=WORKER_COLOURS.get(w), text=[table.item_ids[i] for i in np.where(m)[0]])
+    fig.add_vline(x=tau, line_dash="dot", annotation_text="tau (removal)")
+    fig.add_hline(y=tau, line_dash="dot", annotation_text="tau (swap)")
+    fig.update_layout(title="Counterfactual gain per pair: removal vs swap (log p(t+) under InfoNCE, nats)",
+                      xaxis_title="gain vs do(r = nothing)", yaxis_title="gain vs do(r = another query's rationale)",
+                      template="plotly_white")
+    return fig
+
+
+def gain_by_worker(table, variant: str = "swap") -> go.Figure:
+    """Distribution of a counterfactual gain by worker, easy vs hard items."""
+    fig = go.Figure()
+    g = table.gains(variant)
+    for hard, colour in ((False, EASY), (True, HARD)):
+        xs, ys = [], []
+        for j, w in enumerate(table.workers):
+            m = table.valid[:, j] & (table.needs_reasoning == hard)
+            xs += [w] * int(m.sum())
+            ys += list(g[m, j])
+        fig.add_box(x=xs, y=ys, name="hard" if hard else "easy", marker_color=colour, boxpoints=False)
+    fig.update_layout(title=f"{variant} gain by worker (nats)", boxmode="group", yaxis_title="gain",
+                      template="plotly_white")
+    return fig
+
+
+def selection_outcome(selection) -> go.Figure:
+    """Per dataset (easy / hard): which worker was selected, or no reasoning."""
+    t = selection.table
+    groups = sorted({(d, bool(h)) for d, h in zip(t.datasets, t.needs_reasoning)})
+    x = [f"{d} {'hard' if h else 'easy'}" for d, h in groups]
+    fig = go.Figure()
+    for j, w in list(enumerate(t.workers)) + [(-1, "none")]:
+        y = []
+        for d, h in groups:
+            m = (np.array(t.datasets) == d) & (t.needs_reasoning == h)
+            y.append(float(np.mean(selection.choice[m] == j)))
+        fig.add_bar(x=x, y=y, name=w, marker_color=WORKER_COLOURS.get(w))
+    fig.update_layout(title=f"Selection outcome ({selection.variant}, tau={selection.tau:.2f})", barmode="stack",
+                      yaxis_title="share of pairs", template="plotly_white")
+    return fig

@@ -47,12 +47,25 @@ class FinetuneConfig:
             raise ValueError(f"batch_size {self.batch_size} must divide over {distributed.world_size()} processes")
 
 
-def load_train_rows(world_root: str | Path, datasets: list[str]) -> list[tuple[Input, Input, Input | None, str]]:
+def load_train_rows(world_root: str | Path, datasets: list[str]) -> list[tuple]:
+    """(query, positive, negative or None, positive id, negative id) per training row."""
     rows = []
     for name in datasets:
         for q, p, n in load_train(Path(world_root) / name / "train", world_root, name):
-            rows.append((q, p, n, f"{name}|{p.text}|{p.name if p.visual is not None else ''}"))
+            rows.append((q, p, n, _row_key(name, p), _row_key(name, n) if n is not None else None))
     return rows
+
+
+def _row_key(name: str, x: Input) -> str:
+    """Identity of a target (text, or image content) for masking duplicates and false negatives."""
+    if x.visual is None:
+        return f"{name}|{x.text}"
+    import hashlib
+
+    h = hashlib.sha1()
+    for im in (x.visual if isinstance(x.visual, list) else [x.visual]):
+        h.update(im.tobytes())
+    return f"{name}|{x.text}|{h.hexdigest()}"
 
 
 def make_step_fn(backbone: Backbone, rows, cfg: FinetuneConfig, seed: int):
@@ -69,7 +82,8 @@ def make_step_fn(backbone: Backbone, rows, cfg: FinetuneConfig, seed: int):
         embs = model(*[collate(backbone, xs) for xs in parts])  # one forward: DDP-safe
         q, p = embs[0], embs[1]
         negs = embs[2] if len(embs) > 2 else None
-        res = info_nce(q, p, cfg.temperature, hard_negatives=negs, target_ids=[b[3] for b in batch])
+        res = info_nce(q, p, cfg.temperature, hard_negatives=negs, target_ids=[b[3] for b in batch],
+                       negative_ids=[b[4] for b in batch] if negs is not None else None)
         return {"loss": res.loss, "acc": res.accuracy}
 
     return step_fn

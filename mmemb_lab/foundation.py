@@ -51,7 +51,7 @@ WORLD_VERSION = "toy-world-v1"
 class FoundationConfig:
     spec: TinySpec = field(default_factory=TinySpec)
     """Sizes of the tiny backbone."""
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=2400, lr=1e-3, warmup=100, ckpt_every=100))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=2600, lr=1e-3, warmup=100, ckpt_every=100))
     """Optimiser and schedule."""
     gen_batch: int = 32
     """Descriptions / single-step QA per step."""
@@ -67,8 +67,11 @@ class FoundationConfig:
     """InfoNCE temperature (ours, for a tiny model; the reference recipe uses 0.02 at 4B)."""
     hard_fraction: float = 0.65
     """Share of hard items in the contrastive stream (the world's default mix)."""
-    hard_negatives: int = 3
+    hard_negatives: int = 2
     """Mined negatives per query: other candidates of the item (local) or near-miss targets (global)."""
+    span_fraction: float = 0.25
+    """Share of easy items whose query carries its ONE gold step in a reasoning span (<think>...</think>):
+    a pretrained MLLM reads its context; this teaches the embedder to read a span. Never multi-step."""
     tokenizer_corpus: int = 4000
     """Number of world samples the BPE tokenizer is trained on."""
     video_mode: str = "frames_as_images"
@@ -98,7 +101,8 @@ class Stage0(torch.nn.Module):
         if nce is not None:
             base = base_model(self.model)
             q, p, n = (pool(base(**b, use_cache=False).last_hidden_state) for b in (nce["q"], nce["p"], nce["n"]))
-            res = info_nce(q, p, nce["temperature"], hard_negatives=n, target_ids=nce["ids"])
+            res = info_nce(q, p, nce["temperature"], hard_negatives=n, target_ids=nce["ids"],
+                           negative_ids=nce["neg_ids"])
             out.update(nce=res.loss, acc=res.accuracy)
         return out
 
@@ -110,12 +114,16 @@ def world_corpus(seed: int, n: int) -> list[str]:
     for _ in range(n):
         s = sample_skill(rng)
         texts += [s.question, s.answer]
+    from .workers import DEFAULT_PROMPT, toy_rationales
+
     for name in DATASETS:
         for i in range(n // 8):
             it = make_item(name, seed, "stream", 10_000_000 + i, 0.65)
             texts += [it.query_inst, it.query_text, it.answer, it.target_inst, *it.gold_steps,
                       *[t for t, _ in it.candidates if t]]
-    return texts
+            if i % 4 == 0:  # the workers' wording (filler, format-only text) is part of the world's language
+                texts += [r.text for r in toy_rationales(it, seed)]
+    return texts + [DEFAULT_PROMPT]
 
 
 def world_fingerprint(tokenizer) -> str:
@@ -193,22 +201,27 @@ def contrastive_batch(cfg: FoundationConfig, seed: int, step: int, n: int):
     """Query / positive / hard-negative inputs for ``n`` fresh items of random datasets."""
     rng = np.random.default_rng([seed, step, distributed.rank(), 1])
     names = sorted(DATASETS)
-    qs, ps, ns, ids = [], [], [], []
+    qs, ps, ns, ids, nids = [], [], [], [], []
     for i in range(n):
         name = names[int(rng.integers(len(names)))]
         it = make_item(name, seed, "stream", (step * n + i) * max(1, distributed.world_size()) + distributed.rank(),
                        cfg.hard_fraction)
         cands = item_candidates(it)
-        qs.append(item_query(it))
+        span = (not it.needs_reasoning and len(it.gold_steps) == 1 and rng.random() < cfg.span_fraction)
+        qs.append(item_query(it, it.gold_steps[0] if span else None))
         ps.append(cands[it.labels[0]])
         ids.append(candidate_key(*it.candidates[it.labels[0]]))
         if len(cands) > 1:
             others = [j for j in range(len(cands)) if j not in it.labels]
-            ns += [cands[int(j)] for j in rng.choice(others, cfg.hard_negatives, replace=False)]
+            picked = [int(j) for j in rng.choice(others, cfg.hard_negatives, replace=False)]
+            ns += [cands[j] for j in picked]
+            nids += [candidate_key(*it.candidates[j]) for j in picked]
         else:  # global tasks: near misses (a page that satisfies one condition only) or fresh videos
             for _ in range(cfg.hard_negatives):
-                ns.append(Input("", to_pil(near_miss(it, rng)), it.target_inst))
-    return qs, ps, ns, ids
+                other = near_miss(it, rng)
+                ns.append(Input("", to_pil(other), it.target_inst))
+                nids.append(candidate_key("", other))
+    return qs, ps, ns, ids, nids
 
 
 def near_miss(item, rng):
@@ -237,9 +250,9 @@ def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
                if cfg.position_head else None}
         nce = None
         if step >= cfg.see_steps and cfg.nce_weight > 0:
-            qs, ps, ns, ids = contrastive_batch(cfg, seed, step, cfg.nce_batch // world)
+            qs, ps, ns, ids, nids = contrastive_batch(cfg, seed, step, cfg.nce_batch // world)
             nce = {"q": collate(backbone, qs), "p": collate(backbone, ps), "n": collate(backbone, ns), "ids": ids,
-                   "temperature": cfg.temperature}
+                   "neg_ids": nids, "temperature": cfg.temperature}
         out = module(gen, nce)
         loss = out["lm"] + cfg.aux_weight * out["aux"] + (cfg.nce_weight * out["nce"] if nce else 0.0)
         return {**{k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}, "loss": loss}

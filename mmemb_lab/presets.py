@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .finetune import FinetuneConfig
+from .selection import SelectionConfig
 from .train import LoopConfig
 from .world.build import WorldConfig
 
@@ -22,6 +23,8 @@ class RunConfig:
     """The toy world to generate and evaluate on."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Contrastive fine-tuning after stage 0 (steps=0 skips it)."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """Candidate rationales and counterfactual selection after stage 0 (n_per_dataset=0 skips it)."""
     description_items: int = 100
     """Held-out scenes, frames and pages each, to measure what the foundation model sees."""
     latency_sample: int = 16
@@ -41,7 +44,8 @@ def smoke(seed: int = 0) -> RunConfig:
     """Seconds-long preset for tests: tiny sizes everywhere."""
     return RunConfig("smoke", WorldConfig(seed=seed, n_train=16, n_eval=12),
                      FinetuneConfig(loop=LoopConfig(steps=4, lr=2e-4, warmup=1, ckpt_every=2, seed=seed),
-                                    batch_size=8), description_items=4, latency_sample=2)
+                                    batch_size=8), SelectionConfig(n_per_dataset=3, own_max_new_tokens=8),
+                     description_items=4, latency_sample=2)
 
 
 PRESETS = {"tiny": tiny, "smoke": smoke}

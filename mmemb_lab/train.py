@@ -93,8 +93,9 @@ def run_loop(module: torch.nn.Module, step_fn: Callable[[int, torch.nn.Module], 
     """Train ``module``'s parameters with ``step_fn`` for ``cfg.steps`` steps, checkpointing in ``out_dir``.
 
     ``step_fn(step, model)`` (model: ``module`` or its DDP wrapper, to call forward on) returns a dict
-    with a scalar tensor ``loss`` and any floats to log. ``stop_after``
-    stops early (as if killed) after that many steps of this call: used by tests and notebooks.
+    with a scalar tensor ``loss`` and any floats to log; a step that ran its own backward (GradCache
+    chunking) also returns ``backward_done=True`` and must have zeroed gradients before accumulating.
+    ``stop_after`` stops early (as if killed) after that many steps of this call: used by tests and notebooks.
     """
     from tqdm.auto import tqdm
 
@@ -130,9 +131,9 @@ def run_loop(module: torch.nn.Module, step_fn: Callable[[int, torch.nn.Module], 
                mininterval=2.0)
     for step in bar:
         out_step = step_fn(step, train_module)
-        loss = out_step["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if not out_step.pop("backward_done", False):  # chunked (GradCache) steps backpropagate themselves
+            opt.zero_grad(set_to_none=True)
+            out_step["loss"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         sched.step()

@@ -232,3 +232,15 @@ def test_helpers_are_noops_in_one_process(monkeypatch):
     a = torch.rand(3)
     distributed.seed_everything(7)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_hard_negatives_equal_to_a_positive_are_masked_for_that_query():
+    q, t = _unit(3, 5, seed=11), _unit(3, 5, seed=12)
+    h = torch.cat([t[1:2], _unit(1, 5, seed=13)])  # hard negative 0 is query 1's own answer again
+    out = info_nce(q, t, TAU, hard_negatives=h, target_ids=["a", "b", "c"], negative_ids=["b", "z"])
+    assert out.logits[1, 3] == float("-inf")  # masked for query 1 ...
+    assert torch.isfinite(out.logits[0, 3]) and torch.isfinite(out.logits[2, 3])  # ... a negative for the others
+    assert torch.isfinite(out.logits[:, 4]).all()
+    cols = torch.cat([t, h])
+    masked = {(1, 3)}
+    assert out.loss.item() == pytest.approx(_explicit_loss(q, cols, masked), abs=1e-9)

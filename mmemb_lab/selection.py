@@ -1,0 +1,395 @@
+"""Pair-aware posterior selection by counterfactual intervention (method.md, step 2).
+
+Concept
+    For a pair (q, t+) with negatives N and a candidate rationale r_k, an *evaluator* embedder scores a
+    pair-aware match confidence C(q + r, t+): the log-probability of t+ under InfoNCE against the pair's
+    own negatives (ours; cosine is reported beside it). The rationale's effect is measured against an
+    intervention on r:
+
+        removal:  gain_k = C(q + r_k, t+) - C(q, t+)                 do(r = nothing): the direct embedding
+        swap:     gain_k = C(q + r_k, t+) - C(q + r_swap, t+)        do(r = the same worker's rationale
+                                                                      written for ANOTHER query)
+
+    Intuition: removal credits everything a rationale does, including the mere presence of
+    reasoning-shaped text; swap keeps the format and changes only the content, so a rationale whose
+    benefit is its format (the shortcut of always-reasoning embedders) gains nothing. Selection keeps
+    the best r_k whose gain clears tau, else the pair's latent is "no reasoning" (r = none).
+
+    Default tau = ln 2 (ours): a rationale must at least double p(t+ | q) under the evaluator.
+
+Deviations: the paper's exact confidence and threshold are not public; ours are documented defaults.
+The swap partner is the same worker's rationale for the next query of the same dataset (a cyclic
+derangement), so the swap never pairs a query with its own rationale.
+
+Used by: the demo ("selection" in summary.json), stage 1 (the training set), notebooks 02 and 03.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .backbone import Backbone
+from .contrastive import log_prob_positive
+from .data import candidate_key, item_candidates, item_query
+from .embed import Input, embed
+from .workers import Rationale, states_gold_facts
+from .world.tasks import Item
+
+TAU = math.log(2)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A query with its positive, its negatives and its candidate rationales (one per worker)."""
+
+    item: Item
+    positive: Input
+    negatives: list[Input]
+    rationales: list[Rationale]
+
+
+@dataclass(frozen=True)
+class GainTable:
+    """Counterfactual scores of every (pair, worker); arrays are (n_pairs,) or (n_pairs, n_workers)."""
+
+    item_ids: list[str]
+    datasets: list[str]
+    needs_reasoning: np.ndarray
+    workers: list[str]
+    texts: list[list[str]]
+    valid: np.ndarray
+    """(n, K) the worker produced a usable rationale."""
+    correct: np.ndarray
+    """(n, K) the rationale states the gold facts (ground truth, for scoring the selection only)."""
+    logp_direct: np.ndarray
+    logp_with: np.ndarray
+    logp_swap: np.ndarray
+    cos_direct: np.ndarray
+    cos_with: np.ndarray
+    cos_swap: np.ndarray
+    swap_partner: np.ndarray
+    """(n,) index of the pair whose rationales served as the swap."""
+
+    @property
+    def gain_removal(self) -> np.ndarray:
+        return self.logp_with - self.logp_direct[:, None]
+
+    @property
+    def gain_swap(self) -> np.ndarray:
+        return self.logp_with - self.logp_swap
+
+    def gains(self, variant: str) -> np.ndarray:
+        if variant == "removal":
+            return self.gain_removal
+        if variant == "swap":
+            return self.gain_swap
+        if variant == "both":
+            return np.minimum(self.gain_removal, self.gain_swap)
+        raise ValueError(f"unknown counterfactual {variant!r}: removal, swap or both")
+
+
+def swap_partners(datasets: Sequence[str]) -> np.ndarray:
+    """Index of the next pair of the same dataset (cyclic); a pair alone in its dataset has none (-1)."""
+    out = np.full(len(datasets), -1)
+    by: dict[str, list[int]] = {}
+    for i, d in enumerate(datasets):
+        by.setdefault(d, []).append(i)
+    for idx in by.values():
+        if len(idx) > 1:
+            for a, b in zip(idx, idx[1:] + idx[:1]):
+                out[a] = b
+    return out
+
+
+def toy_pairs(items: Sequence[Item], rationales: Sequence[list[Rationale]], pool_negatives: int = 15,
+              seed: int = 0) -> list[Pair]:
+    """Pairs from toy items: local tasks use their other candidates as negatives; global tasks use
+    near-miss targets and other items' targets of the same dataset."""
+    from .foundation import near_miss
+
+    rng = np.random.default_rng([seed, 3])
+    by: dict[str, list[Item]] = {}
+    for it in items:
+        by.setdefault(it.dataset, []).append(it)
+    pairs = []
+    for it, rats in zip(items, rationales):
+        cands = item_candidates(it)
+        pos = cands[it.labels[0]]
+        if len(cands) > 1:
+            negs = [c for j, c in enumerate(cands) if j not in it.labels]
+        else:
+            others = [o for o in by[it.dataset] if o is not it]
+            pick = rng.choice(len(others), min(pool_negatives, len(others)), replace=False) if others else []
+            from .data import to_pil
+
+            negs = [item_candidates(others[int(j)])[0] for j in pick]
+            negs += [Input("", to_pil(near_miss(it, rng)), it.target_inst, None, f"{it.item_id}/near{j}")
+                     for j in range(3)]
+        pairs.append(Pair(it, pos, negs, list(rats)))
+    return pairs
+
+
+def score_pairs(evaluator: Backbone | Callable[[list[Input]], torch.Tensor], pairs: Sequence[Pair],
+                temperature: float = 0.05, batch_size: int = 64, progress: bool = False) -> GainTable:
+    """Embed every distinct target once and every query variant in batches; score C under each intervention.
+
+    ``evaluator``: a backbone (its direct embedder is used) or any function from inputs to unit vectors.
+    """
+    if isinstance(evaluator, Backbone):
+        bb = evaluator
+        evaluator = lambda xs: embed(bb, xs, batch_size=batch_size, progress=progress)  # noqa: E731
+    workers = [r.worker for r in pairs[0].rationales]
+    n, k = len(pairs), len(workers)
+    datasets = [p.item.dataset for p in pairs]
+    partner = swap_partners(datasets)
+    # targets: each distinct one embedded once
+    tkeys, tinputs = {}, []
+    for p in pairs:
+        for x in [p.positive] + p.negatives:
+            key = _target_key(x)
+            if key not in tkeys:
+                tkeys[key] = len(tinputs)
+                tinputs.append(x)
+    t_emb = evaluator(tinputs)
+    # queries: direct, with own rationale, with the swap partner's rationale (same worker)
+    qinputs: list[Input] = []
+    idx_direct, idx_with, idx_swap = np.zeros(n, int), np.full((n, k), -1), np.full((n, k), -1)
+    for i, p in enumerate(pairs):
+        idx_direct[i] = len(qinputs)
+        qinputs.append(item_query(p.item))
+        for j, r in enumerate(p.rationales):
+            if r.status == "ok":
+                idx_with[i, j] = len(qinputs)
+                qinputs.append(item_query(p.item, r.text))
+            if partner[i] >= 0:
+                s = pairs[partner[i]].rationales[j]
+                if s.status == "ok":
+                    idx_swap[i, j] = len(qinputs)
+                    qinputs.append(item_query(p.item, s.text))
+    q_emb = evaluator(qinputs)
+
+    def conf(qi: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
+        p = pairs[i]
+        pos = t_emb[tkeys[_target_key(p.positive)]]
+        neg = t_emb[[tkeys[_target_key(x)] for x in p.negatives]]
+        sel = torch.as_tensor(np.where(qi >= 0, qi, 0))
+        q = q_emb[sel]
+        lp = log_prob_positive(q, pos.expand_as(q), neg.unsqueeze(0).expand(len(q), -1, -1), temperature)
+        cs = q @ pos
+        lp, cs = lp.numpy().astype(float), cs.numpy().astype(float)
+        lp[qi < 0], cs[qi < 0] = np.nan, np.nan
+        return lp, cs
+
+    lpd, csd = np.zeros(n), np.zeros(n)
+    lpw, csw, lps, css = (np.zeros((n, k)) for _ in range(4))
+    for i in range(n):
+        a, b = conf(np.array([idx_direct[i]]), i)
+        lpd[i], csd[i] = a[0], b[0]
+        lpw[i], csw[i] = conf(idx_with[i], i)
+        lps[i], css[i] = conf(idx_swap[i], i)
+    valid = np.array([[r.status == "ok" for r in p.rationales] for p in pairs])
+    correct = np.array([[r.status == "ok" and states_gold_facts(r.text, p.item) for r in p.rationales]
+                        for p in pairs])
+    return GainTable([p.item.item_id for p in pairs], datasets,
+                     np.array([bool(p.item.needs_reasoning) for p in pairs]), workers,
+                     [[r.text for r in p.rationales] for p in pairs], valid, correct,
+                     lpd, lpw, lps, csd, csw, css, partner)
+
+
+def _target_key(x: Input) -> str:
+    """Identity of a target: text, or the image's bytes digest (the same object crop is one target)."""
+    if x.visual is None:
+        return f"t|{x.instruction}|{x.text}"
+    import hashlib
+
+    ims = x.visual if isinstance(x.visual, list) else [x.visual]
+    h = hashlib.sha1()
+    for im in ims:
+        h.update(im.tobytes())
+    return f"v|{x.instruction}|{x.text}|{h.hexdigest()}"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The posterior choice per pair: a worker index, or -1 for "no reasoning"."""
+
+    variant: str
+    tau: float
+    choice: np.ndarray
+    table: GainTable = field(repr=False)
+
+    def selected(self) -> np.ndarray:
+        return self.choice >= 0
+
+    def precision(self) -> float:
+        sel = self.selected()
+        if not sel.any():
+            return float("nan")
+        return float(np.mean(self.table.correct[np.where(sel)[0], self.choice[sel]]))
+
+    def share_by_worker(self) -> dict[str, float]:
+        sel = self.choice[self.selected()]
+        return {w: float(np.mean(sel == j)) if len(sel) else 0.0 for j, w in enumerate(self.table.workers)}
+
+    def no_reasoning_rate(self, hard: bool) -> float:
+        m = self.table.needs_reasoning == hard
+        return float(np.mean(self.choice[m] < 0)) if m.any() else float("nan")
+
+    def rationale(self, i: int) -> str | None:
+        return None if self.choice[i] < 0 else self.table.texts[i][self.choice[i]]
+
+
+def select(table: GainTable, variant: str = "swap", tau: float = TAU) -> Selection:
+    """Keep the best valid candidate whose gain exceeds tau; else "no reasoning" (-1)."""
+    g = np.where(table.valid, table.gains(variant), -np.inf)
+    g = np.nan_to_num(g, nan=-np.inf)
+    best = np.argmax(g, axis=1)
+    ok = g[np.arange(len(g)), best] > tau
+    return Selection(variant, tau, np.where(ok, best, -1), table)
+
+
+def random_worker(table: GainTable, seed: int = 0) -> Selection:
+    """Baseline: always reason, with a uniformly random worker's (valid) rationale."""
+    rng = np.random.default_rng([seed, 17])
+    choice = np.array([int(rng.choice(np.where(v)[0])) if v.any() else -1 for v in table.valid])
+    return Selection("random_worker", float("nan"), choice, table)
+
+
+def selection_summary(sel: Selection, baselines: dict[str, Selection]) -> dict:
+    """The ``selection`` block of summary.json."""
+    return {"variant": sel.variant, "tau": sel.tau, "n_pairs": int(len(sel.choice)),
+            "precision": sel.precision(), "selected_share_by_worker": sel.share_by_worker(),
+            "no_reasoning_rate_easy": sel.no_reasoning_rate(False),
+            "no_reasoning_rate_hard": sel.no_reasoning_rate(True),
+            "baselines": {k: {"precision": b.precision(), "selected_share_by_worker": b.share_by_worker(),
+                              "no_reasoning_rate_easy": b.no_reasoning_rate(False),
+                              "no_reasoning_rate_hard": b.no_reasoning_rate(True)} for k, b in baselines.items()}}
+
+
+def gold_rationale_gain(evaluator: Backbone, world_root, registry, hard_only: bool = True) -> dict:
+    """Hit@1 (or the dataset's metric) on hard eval items with the gold rationale appended minus without,
+    per dataset and as the unweighted mean over datasets, in points."""
+    from .data import load_eval
+    from .evaluate import score_set
+
+    per = {}
+    for name, info in registry.items():
+        es = load_eval(world_root, name, info.eval_type)
+        qs = [q for q in es.queries if q.needs_reasoning or not hard_only]
+        if not qs:
+            continue
+        sub = type(es)(es.name, qs, es.candidates, es.eval_type)
+        c = embed(evaluator, list(es.candidates.values()))
+        direct = embed(evaluator, [q.query for q in qs])
+        gold = embed(evaluator, [Input(q.query.text, q.query.visual, q.query.instruction,
+                                       " ".join(q.gold_steps) or None, q.query.name) for q in qs])
+        per[name] = score_set(sub, gold, c, info.metric).score - score_set(sub, direct, c, info.metric).score
+    return {"mean": float(np.mean(list(per.values()))) if per else float("nan"), "per_dataset": per}
+
+
+
+def explorer(table: GainTable, pairs: Sequence[Pair], selection: Selection):
+    """An ipywidgets explorer: pick a pair, see its image, query, target, every candidate's gains and the choice."""
+    import ipywidgets as w
+
+    from .figures import _visual_array
+
+    options = [(f"{i}: {table.item_ids[i]} ({'hard' if table.needs_reasoning[i] else 'easy'})", i)
+               for i in range(len(pairs))]
+    pick = w.Dropdown(options=options, description="pair", layout=w.Layout(width="420px"))
+    image, text = w.Image(format="png", width=220), w.HTML()
+
+    def show(i: int) -> None:
+        import io
+
+        from PIL import Image
+
+        p = pairs[i]
+        vis = p.item.query_visual if p.item.query_visual is not None else p.item.candidates[p.item.labels[0]][1]
+        arr = _visual_array(vis)
+        buf = io.BytesIO()
+        Image.fromarray(arr).resize((220, int(220 * arr.shape[0] / arr.shape[1])), 0).save(buf, "png")
+        image.value = buf.getvalue()
+        rows = "".join(
+            f"<tr style='background:{'#dfe' if selection.choice[i] == j else 'white'}'><td>{wk}</td>"
+            f"<td>{table.texts[i][j][:160]}</td><td>{table.gain_removal[i, j]:+.2f}</td>"
+            f"<td>{table.gain_swap[i, j]:+.2f}</td><td>{'yes' if table.correct[i, j] else 'no'}</td></tr>"
+            for j, wk in enumerate(table.workers))
+        chosen = "no reasoning" if selection.choice[i] < 0 else table.workers[selection.choice[i]]
+        text.value = (f"<b>query</b>: {p.item.query_inst} {p.item.query_text}<br><b>target</b>: {p.item.answer}"
+                      f"<br><b>direct log p(t+)</b>: {table.logp_direct[i]:.2f} &nbsp; <b>selected</b>: {chosen}"
+                      f"<table><tr><th>worker</th><th>rationale</th><th>removal</th><th>swap</th>"
+                      f"<th>gold facts</th></tr>{rows}</table>")
+    pick.observe(lambda ch: show(ch["new"]), names="value")
+    show(0)
+    return w.VBox([pick, w.HBox([image, text])])
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    n_per_dataset: int = 64
+    """Training items per dataset that get candidate rationales and a counterfactual selection."""
+    tau: float = TAU
+    """Gain threshold (nats of log p(t+)); ours: ln 2, i.e. the rationale must double p(t+ | q)."""
+    variant: str = "swap"
+    """Counterfactual used for the selection: "swap" (ours, recommended), "removal" or "both"."""
+    temperature: float = 0.05
+    """Evaluator InfoNCE temperature for the pair-aware confidence."""
+    own_worker: bool = True
+    """Add the stage-0 model's own sampled rationales as a worker ("own")."""
+    own_max_new_tokens: int = 48
+    """Generation budget of the own worker."""
+
+
+def run_selection(evaluator: Backbone, world_seed: int, hard_fraction: float, cfg: SelectionConfig, out_dir,
+                  progress: bool = True) -> tuple[GainTable, dict[str, Selection], list[Pair]]:
+    """Workers write candidates for training items, the evaluator scores them, selection picks r* per pair.
+
+    Writes ``gains.jsonl`` (one line per pair and worker) and ``stage1_set.jsonl`` (item id, selected
+    rationale or null, worker) under ``out_dir``.
+    """
+    import json
+    from pathlib import Path
+
+    from .train import atomic_write_text
+    from .workers import HFWorker, WorkerSpec, toy_rationales
+    from .world.tasks import DATASETS, make_item
+
+    out = Path(out_dir)
+    items = [make_item(name, world_seed, "train", i, hard_fraction)
+             for name in sorted(DATASETS) for i in range(cfg.n_per_dataset)]
+    rats = [toy_rationales(it, world_seed, tokenizer=evaluator.tokenizer) for it in items]
+    if cfg.own_worker:
+        spec = WorkerSpec("own", evaluator.source, max_new_tokens=cfg.own_max_new_tokens, batch_size=32,
+                          max_rationale_tokens=cfg.own_max_new_tokens - 1)
+        own = HFWorker(spec, evaluator)([item_query(it) for it in items], seed=world_seed)
+        rats = [r + [o] for r, o in zip(rats, own)]
+    pairs = toy_pairs(items, rats, seed=world_seed)
+    table = score_pairs(evaluator, pairs, cfg.temperature, progress=progress)
+    sels = {cfg.variant: select(table, cfg.variant, cfg.tau), "removal_only": select(table, "removal", cfg.tau),
+            "both": select(table, "both", cfg.tau), "random_worker": random_worker(table, world_seed)}
+    lines = []
+    for i, p in enumerate(pairs):
+        for j, r in enumerate(p.rationales):
+            lines.append(json.dumps({"item_id": p.item.item_id, "dataset": p.item.dataset,
+                                     "needs_reasoning": bool(p.item.needs_reasoning), "worker": r.worker,
+                                     "status": r.status, "n_tokens": r.n_tokens, "rationale": r.text,
+                                     "correct": bool(table.correct[i, j]),
+                                     "logp_direct": float(table.logp_direct[i]),
+                                     "gain_removal": float(table.gain_removal[i, j]),
+                                     "gain_swap": float(table.gain_swap[i, j]),
+                                     "cos_direct": float(table.cos_direct[i]), "cos_with": float(table.cos_with[i, j]),
+                                     "cos_swap": float(table.cos_swap[i, j])}))
+    atomic_write_text(out / "gains.jsonl", "\n".join(lines) + "\n")
+    main = sels[cfg.variant]
+    atomic_write_text(out / "stage1_set.jsonl", "\n".join(
+        json.dumps({"item_id": p.item.item_id, "dataset": p.item.dataset, "index": int(p.item.item_id.split("-")[-1]),
+                    "rationale": main.rationale(i),
+                    "worker": None if main.choice[i] < 0 else table.workers[main.choice[i]]})
+        for i, p in enumerate(pairs)) + "\n")
+    return table, sels, pairs

@@ -1,0 +1,297 @@
+"""Stage 1: joint contrastive + rationale-generation training on the selected latent reasoning.
+
+Concept (method.md, step 3)
+    With r* the rationale selected for the pair (or none):
+
+        L = InfoNCE(e(q + r*), t+) + lambda_gen * NextToken(r* | q) + lambda_dir * InfoNCE(e(q), t+)
+
+    - the first term makes the embedding *after reasoning* match the target - and, because r* was
+      selected by a counterfactual test on its content, it rewards reading what r* says;
+    - the generation term teaches the model to write the selected rationales itself. Its labels cover
+      the reasoning span (``<think>``, r*, ``</think>``) and, for pairs whose latent is "no reasoning",
+      the decision to embed at once (``<|emb|>`` as the first assistant token) - never the prompt,
+      the image or padding. (Ours: the paper's outline does not say how r = none is supervised.)
+    - the direct term keeps the no-reasoning path strong (a prototype that trained only on reasoning
+      lost its direct path: easy-shape accuracy .77 -> .17).
+
+    One forward over ``prompt + [<think> r* </think>] <|emb|>`` yields both the next-token loss and
+    e(q + r*); a second forward gives e(q); targets (positive + mined negatives) a third. Only the query
+    side reasons in the toy world (targets are plain captions, crops, scenes, pages, videos).
+
+Ablations (``Stage1Config.rationales``): "selected" (ours), "random_worker" (a random worker's
+rationale for every pair, no selection), "always" (the best candidate by gain for every pair, even
+below tau); ``lambda_dir = 0`` and ``lambda_gen = 0`` switch the other terms off.
+Defaults (weights, temperature, steps) are ours, documented here and in the run's config.json.
+
+Used by: the demo (``eval.direct/always/oracle``, ``stage1``), ``mmemb-lab train``, notebook 04.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed
+from .backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN, Backbone
+from .contrastive import info_nce
+from .data import candidate_key, item_candidates, item_query, to_pil
+from .embed import Input, base_model, collate, pool
+from .train import LoopConfig, LoopResult, run_loop
+from .world.tasks import Item, make_item
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=300, lr=5e-4, warmup=20, ckpt_every=50))
+    """Optimiser and schedule."""
+    batch_size: int = 32
+    """Pairs per step (global)."""
+    temperature: float = 0.05
+    """InfoNCE temperature (ours)."""
+    lambda_gen: float = 1.0
+    """Weight of NextToken(r* | q) (ours)."""
+    lambda_dir: float = 1.0
+    """Weight of the direct term InfoNCE(e(q), t+) (ours)."""
+    hard_negatives: int = 3
+    """Mined negatives per pair (other candidates of the item / near-miss targets)."""
+    rationales: str = "selected"
+    """"selected" (ours), "random_worker" or "always" (ablations)."""
+    chunk_size: int = 0
+    """GradCache chunk size (0 = unchunked): the contrastive batch no longer bounds activation memory."""
+
+    def __post_init__(self):
+        if self.rationales not in ("selected", "random_worker", "always"):
+            raise ValueError(f"unknown rationale source {self.rationales!r}")
+        if self.lambda_gen < 0 or self.lambda_dir < 0:
+            raise ValueError("loss weights must be >= 0")
+
+
+def assistant_target(rationale: str | None) -> str:
+    """What the model should write after the prompt: a reasoning span (or nothing), then ``<|emb|>``."""
+    return (f"{THINK_OPEN}{rationale}{THINK_CLOSE}" if rationale else "") + EMB_TOKEN
+
+
+def generation_labels(backbone: Backbone, batch: dict, targets: list[str]) -> torch.Tensor:
+    """Next-token labels on the reasoning span, or on ``<|emb|>`` alone for no-reasoning pairs.
+
+    For a reasoning pair the final ``<|emb|>`` is not a label (it always follows ``</think>``)."""
+    ids = batch["input_ids"]
+    labels = torch.full_like(ids, -100)
+    for i, t in enumerate(targets):
+        n = len(backbone.tokenizer(t, add_special_tokens=False)["input_ids"])
+        reasoning = t.startswith(THINK_OPEN)
+        end = ids.shape[1] - 1 if reasoning else ids.shape[1]
+        labels[i, ids.shape[1] - n:end] = ids[i, ids.shape[1] - n:end]
+    return labels
+
+
+class Stage1Model(torch.nn.Module):
+    """All stage-1 forwards in ONE call (DDP-safe)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, reasoned: dict | None, labels: torch.Tensor | None, direct: dict | None,
+                targets: dict | None):
+        """(summed next-token loss, #label tokens, e(q + r*), e(q), e(targets)); parts given as None are skipped."""
+        base = base_model(self.model)
+        lm_sum, n_lab, e_r = torch.zeros(()), 0, None
+        if reasoned is not None:
+            states = base(**reasoned, use_cache=False).last_hidden_state
+            logits = self.model.lm_head(states[:, :-1])
+            lab = labels[:, 1:].reshape(-1)
+            lm_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab, ignore_index=-100, reduction="sum")
+            n_lab = int((lab != -100).sum())
+            e_r = pool(states)
+        e_d = pool(base(**direct, use_cache=False).last_hidden_state) if direct is not None else None
+        e_t = pool(base(**targets, use_cache=False).last_hidden_state) if targets is not None else None
+        return lm_sum, n_lab, e_r, e_d, e_t
+
+
+def load_stage1_set(selection_dir: str | Path, world_seed: int, hard_fraction: float, source: str = "selected",
+                    seed: int = 0) -> list[tuple[Item, str | None]]:
+    """(item, r*) pairs from a selection run: the selected rationale, or an ablation's choice."""
+    sel_dir = Path(selection_dir)
+    rows = [json.loads(ln) for ln in (sel_dir / "stage1_set.jsonl").read_text().splitlines() if ln.strip()]
+    gains: dict[str, list[dict]] = {}
+    for ln in (sel_dir / "gains.jsonl").read_text().splitlines():
+        if ln.strip():
+            g = json.loads(ln)
+            gains.setdefault(g["item_id"], []).append(g)
+    rng = np.random.default_rng([seed, 23])
+    out = []
+    for r in rows:
+        item = make_item(r["dataset"], world_seed, "train", r["index"], hard_fraction)
+        if item.item_id != r["item_id"]:
+            raise ValueError(f"{sel_dir}: row {r['item_id']} does not match the world (seed {world_seed})")
+        cands = [g for g in gains[r["item_id"]] if g["status"] == "ok"]
+        if source == "selected":
+            rat = r["rationale"]
+        elif source == "random_worker":
+            rat = cands[int(rng.integers(len(cands)))]["rationale"] if cands else None
+        else:  # always: the best candidate by swap gain, whatever its gain
+            rat = max(cands, key=lambda g: g["gain_swap"])["rationale"] if cands else None
+        out.append((item, rat))
+    return out
+
+
+def make_step_fn(backbone: Backbone, data: list[tuple[Item, str | None]], cfg: Stage1Config, seed: int):
+    from .foundation import near_miss
+
+    world = max(1, distributed.world_size())
+    per_rank = cfg.batch_size // world
+
+    def step_fn(step: int, module) -> dict:
+        rng = np.random.default_rng([seed, step])
+        idx = rng.choice(len(data), cfg.batch_size, replace=len(data) < cfg.batch_size)
+        mine = idx[distributed.rank() * per_rank:(distributed.rank() + 1) * per_rank]
+        batch = [data[int(i)] for i in mine]
+        queries = [item_query(it) for it, _ in batch]
+        targets_text = [assistant_target(r) for _, r in batch]
+        reasoned = collate(backbone, queries, targets_text)
+        labels = generation_labels(backbone, reasoned, targets_text)
+        pos, negs, ids, nids = [], [], [], []
+        for it, _ in batch:
+            cands = item_candidates(it)
+            pos.append(cands[it.labels[0]])
+            ids.append(candidate_key(*it.candidates[it.labels[0]]))
+            if len(cands) > 1:
+                others = [j for j in range(len(cands)) if j not in it.labels]
+                picked = [int(j) for j in rng.choice(others, cfg.hard_negatives, replace=False)]
+                negs += [cands[j] for j in picked]
+                nids += [candidate_key(*it.candidates[j]) for j in picked]
+            else:
+                for _ in range(cfg.hard_negatives):
+                    other = near_miss(it, rng)
+                    negs.append(Input("", to_pil(other), it.target_inst))
+                    nids.append(candidate_key("", other))
+        share = float(np.mean([r is not None for _, r in batch]))
+        if cfg.chunk_size:
+            return _chunked_step(backbone, module, cfg, queries, targets_text, pos + negs, len(pos), (ids, nids)) | {
+                "reasoning_share": share}
+        lm_sum, n_lab, e_r, e_d, e_t = module(reasoned, labels, collate(backbone, queries),
+                                              collate(backbone, pos + negs))
+        lm = lm_sum / max(1, n_lab)
+        nce_r, nce_d = _contrastive(cfg, e_r, e_d, e_t, len(pos), (ids, nids))
+        loss = nce_r.loss + cfg.lambda_gen * lm + cfg.lambda_dir * nce_d.loss
+        return {"loss": loss, "nce_reasoned": nce_r.loss.detach(), "gen": lm.detach(), "nce_direct": nce_d.loss.detach(),
+                "acc_reasoned": nce_r.accuracy, "acc_direct": nce_d.accuracy, "reasoning_share": share}
+
+    return step_fn
+
+
+def _contrastive(cfg: Stage1Config, e_r, e_d, e_t, n_pos: int, ids):
+    """Both InfoNCE terms; ``ids`` = (positive ids, negative ids) for masking false negatives."""
+    p, n = e_t[:n_pos], e_t[n_pos:]
+    pos_ids, neg_ids = ids
+    return (info_nce(e_r, p, cfg.temperature, hard_negatives=n, target_ids=pos_ids, negative_ids=neg_ids),
+            info_nce(e_d, p, cfg.temperature, hard_negatives=n, target_ids=pos_ids, negative_ids=neg_ids))
+
+
+def _chunked_step(backbone, module, cfg, queries, targets_text, target_inputs, n_pos, ids) -> dict:
+    """GradCache for the joint loss: the contrastive terms couple the batch, the generation term does not.
+
+    (1) embed every chunk without a graph; (2) backpropagate the contrastive terms to the detached
+    embeddings only, caching g = dL/de; (3) re-run each chunk with a graph and backpropagate
+    lambda_gen * (its share of the next-token loss) + <e_chunk, g_chunk>. Same gradient as the unchunked
+    step (tests/test_stage1.py), with the activation memory of one chunk."""
+    import contextlib
+
+    k = cfg.chunk_size
+    qc = [queries[i:i + k] for i in range(0, len(queries), k)]
+    tc = [targets_text[i:i + k] for i in range(0, len(queries), k)]
+    xc = [target_inputs[i:i + k] for i in range(0, len(target_inputs), k)]
+    reasoned = [collate(backbone, q, t) for q, t in zip(qc, tc)]
+    labels = [generation_labels(backbone, b, t) for b, t in zip(reasoned, tc)]
+    direct = [collate(backbone, q) for q in qc]
+    tgt = [collate(backbone, x) for x in xc]
+    with torch.no_grad():
+        parts = [module(b, lab, d, None) for b, lab, d in zip(reasoned, labels, direct)]
+        e_t = torch.cat([module(None, None, None, t)[4] for t in tgt])
+    n_lab = sum(p[1] for p in parts)
+    lm = sum(float(p[0]) for p in parts) / max(1, n_lab)
+    e_r = torch.cat([p[2] for p in parts]).requires_grad_()
+    e_d = torch.cat([p[3] for p in parts]).requires_grad_()
+    e_t = e_t.requires_grad_()
+    nce_r, nce_d = _contrastive(cfg, e_r, e_d, e_t, n_pos, ids)
+    (nce_r.loss + cfg.lambda_dir * nce_d.loss).backward()
+    module.zero_grad(set_to_none=True)
+    no_sync = getattr(module, "no_sync", contextlib.nullcontext)
+    jobs = [(b, lab, d, None, sl) for b, lab, d, sl in zip(reasoned, labels, direct,
+                                                           (slice(i, i + k) for i in range(0, len(queries), k)))]
+    jobs += [(None, None, None, t, slice(i, i + k)) for t, i in zip(tgt, range(0, len(target_inputs), k))]
+    for j, (b, lab, d, t, sl) in enumerate(jobs):
+        ctx = no_sync() if j < len(jobs) - 1 else contextlib.nullcontext()
+        with ctx:
+            lm_sum, _, er, ed, et = module(b, lab, d, t)
+            if t is None:
+                surrogate = cfg.lambda_gen * lm_sum / max(1, n_lab) + (er * e_r.grad[sl]).sum() + (ed * e_d.grad[sl]).sum()
+            else:
+                surrogate = (et * e_t.grad[sl]).sum()
+            surrogate.backward()
+    loss = float(nce_r.loss.detach()) + cfg.lambda_gen * lm + cfg.lambda_dir * float(nce_d.loss.detach())
+    return {"loss": torch.tensor(loss), "backward_done": True, "nce_reasoned": float(nce_r.loss.detach()), "gen": lm,
+            "nce_direct": float(nce_d.loss.detach()), "acc_reasoned": nce_r.accuracy, "acc_direct": nce_d.accuracy}
+
+
+def train_stage1(backbone: Backbone, data: list[tuple[Item, str | None]], out_dir: str | Path,
+                 cfg: Stage1Config = Stage1Config(), seed: int = 0, resume: bool = True,
+                 stop_after: int | None = None) -> LoopResult:
+    """Run (or resume) stage 1; the backbone's weights are updated in place."""
+    log.info("stage 1 (%s rationales): %d pairs, %d with reasoning", cfg.rationales, len(data),
+             sum(r is not None for _, r in data))
+    return run_loop(Stage1Model(backbone.model), make_step_fn(backbone, data, cfg, seed), cfg.loop, out_dir,
+                    resume=resume, stop_after=stop_after, desc=f"stage 1 ({cfg.rationales})")
+
+
+def run_arm(foundation: str, world_root: str, registry_info: dict, selection_dir: str, out_dir: str,
+            cfg: Stage1Config, world_seed: int, hard_fraction: float, seed: int = 0, threads: int | None = None,
+            full_eval: bool = True, latency_sample: int = 16, max_new_tokens: int = 64) -> dict:
+    """One arm of stage 1 from the foundation checkpoint: train, then measure (also runs in a subprocess).
+
+    Returns the arm's numbers: wall time, always-mode scores, rationale diagnostics, and (``full_eval``)
+    the direct and oracle modes. Writes ``arm.json`` and the trained model under ``out_dir``."""
+    import time
+
+    from .evaluate import combine_oracle, evaluate
+    from .diagnostics import rationale_diagnostics
+    from .foundation import load_foundation
+    from .inference import ReasoningEncoder
+    from .train import atomic_write_text, read_metrics
+    from .world.build import toy_registry
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out_dir)
+    backbone, _ = load_foundation(foundation)
+    data = load_stage1_set(selection_dir, world_seed, hard_fraction, cfg.rationales, seed)
+    t0 = time.time()
+    res = train_stage1(backbone, data, out / "train", cfg, seed=seed)
+    train_wall = time.time() - t0
+    registry = toy_registry(registry_info)
+    enc = ReasoningEncoder(backbone, max_new_tokens)
+    always = evaluate(backbone, world_root, registry, "always", encoder=enc, out_dir=out / "eval",
+                      latency_sample=latency_sample, progress=False)
+    diag = rationale_diagnostics(backbone, world_root, registry, max_new_tokens)
+    arm = {"rationales": cfg.rationales, "steps": res.steps_done, "train_wall_s": train_wall,
+           "always": always.summary() | {"unclosed_spans": enc.unclosed},
+           "rationale_sensitivity": diag.sensitivity, "rationale_step_accuracy": diag.step_accuracy,
+           "rationale_answer_accuracy": diag.answer_accuracy, "rationale_examples": diag.examples,
+           "training_curve_tail": read_metrics(out / "train")[-1:]}
+    if full_eval:
+        direct = evaluate(backbone, world_root, registry, "direct", out_dir=out / "eval",
+                          latency_sample=latency_sample, progress=False)
+        arm["direct"] = direct.summary()
+        arm["oracle"] = combine_oracle(direct, always, registry).summary()
+        backbone.save(out / "model")
+    atomic_write_text(out / "arm.json", json.dumps(arm, indent=1))
+    return arm

@@ -1,0 +1,101 @@
+"""Counterfactual gains and selection, on hand-built embeddings where the right answer is known."""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmemb_lab.selection import TAU, Pair, random_worker, score_pairs, select, swap_partners
+from mmemb_lab.embed import Input
+from mmemb_lab.workers import FORMAT_ONLY_TEXT, Rationale
+from mmemb_lab.world.tasks import make_item
+
+D = 8
+
+
+def _vec(*pairs):
+    v = torch.zeros(D)
+    for i, w in pairs:
+        v[i] = w
+    return F.normalize(v, dim=0)
+
+
+def _fake_embedder(table):
+    """Text -> hand-built vector; a query with a rationale is looked up by its rationale text."""
+    def f(inputs):
+        return torch.stack([table[x.rationale if x.rationale is not None else ("Q:" + x.name)]
+                            if x.rationale is not None or ("Q:" + x.name) in table else table[x.text]
+                            for x in inputs])
+    return f
+
+
+def _pairs():
+    items = [make_item("toy_qa", 0, "train", i, 1.0) for i in (0, 1)]
+    pairs, table = [], {}
+    for n, it in enumerate(items):
+        pos, negs = f"pos{n}", [f"neg{n}a", f"neg{n}b"]
+        table[pos], table[negs[0]], table[negs[1]] = _vec((0 + 3 * n, 1)), _vec((1 + 3 * n, 1)), _vec((2 + 3 * n, 1))
+        table["Q:" + it.item_id] = _vec((0 + 3 * n, 0.3), (1 + 3 * n, 1))  # direct: leans to a negative
+        good, bad = f"good{n}", f"bad{n}"
+        table[good] = _vec((0 + 3 * n, 1), (1 + 3 * n, 0.1))   # reasoning that points at the positive
+        table[bad] = _vec((2 + 3 * n, 1))                       # reasoning that points at a negative
+        rats = [Rationale("concise", good), Rationale("format_only", FORMAT_ONLY_TEXT), Rationale("hallucinating", bad)]
+        pairs.append(Pair(it, Input(pos), [Input(x) for x in negs], rats))
+    # the format-only text moves every query the same way, a little toward its positive... of pair 0 only
+    table[FORMAT_ONLY_TEXT] = _vec((0, 1), (1, 1))
+    return pairs, table
+
+
+def test_gain_signs_and_ordering():
+    pairs, table = _pairs()
+    t = score_pairs(_fake_embedder(table), pairs, temperature=0.1)
+    g = t.gain_removal
+    assert g[0, 0] > 0 and g[1, 0] > 0           # the good rationale helps
+    assert g[0, 2] < 0 and g[1, 2] < 0           # the wrong one hurts
+    assert g[0, 0] > g[0, 1] > g[0, 2]           # ordering good > format > bad
+    # logp is an InfoNCE log-probability against the pair's own negatives
+    q, pos = table["good0"], table["pos0"]
+    negs = torch.stack([table["neg0a"], table["neg0b"]])
+    logits = torch.cat([(q @ pos)[None], negs @ q]) / 0.1
+    assert math.isclose(t.logp_with[0, 0], float(torch.log_softmax(logits, 0)[0]), rel_tol=1e-5)
+
+
+def test_swap_exposes_a_format_only_benefit():
+    pairs, table = _pairs()
+    t = score_pairs(_fake_embedder(table), pairs, temperature=0.1)
+    assert t.gain_removal[0, 1] > TAU            # removal alone would keep format-only for pair 0 ...
+    assert t.gain_swap[0, 1] == 0.0              # ... swap (same text for another query) gives it nothing
+    assert select(t, "removal").choice[0] == 0   # the best is still the good one
+    s = select(t, "swap")
+    assert list(s.choice) == [0, 0]
+
+
+def test_swap_never_pairs_a_query_with_itself():
+    ds = ["a", "a", "b", "a", "b", "c"]
+    p = swap_partners(ds)
+    for i, j in enumerate(p):
+        if ds[i] == "c":
+            assert j == -1
+        else:
+            assert j != i and ds[j] == ds[i]
+    assert sorted(p[[0, 1, 3]]) == [0, 1, 3]  # a permutation within each dataset
+
+
+def test_no_reasoning_when_nothing_clears_tau_and_random_baseline():
+    pairs, table = _pairs()
+    t = score_pairs(_fake_embedder(table), pairs, temperature=0.1)
+    s = select(t, "swap", tau=1e9)
+    assert (s.choice == -1).all() and s.no_reasoning_rate(True) == 1.0
+    r = random_worker(t, seed=0)
+    assert (r.choice >= 0).all()
+
+
+def test_invalid_rationales_are_never_selected():
+    pairs, table = _pairs()
+    p0 = pairs[0]
+    pairs[0] = Pair(p0.item, p0.positive, p0.negatives,
+                    [Rationale("concise", "", "empty")] + p0.rationales[1:])
+    t = score_pairs(_fake_embedder(table), pairs, temperature=0.1)
+    assert not t.valid[0, 0] and np.isnan(t.logp_with[0, 0])
+    assert select(t, "removal").choice[0] != 0
