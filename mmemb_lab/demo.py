@@ -1,4 +1,4 @@
-"""The main job, end to end on one preset: world -> foundation -> selection -> fine-tuning -> evaluation.
+"""The main job, end to end on one preset: world -> foundation -> selection -> stage 1 -> evaluation.
 
 What ``make demo`` runs (``python -m mmemb_lab demo --seed S --out DIR``). Every step writes its
 outputs under ``DIR`` and resumes where a killed run stopped (the world and the foundation are reused
@@ -16,8 +16,9 @@ from pathlib import Path
 
 from .evaluate import evaluate
 from .figures import description_accuracy as description_figure
-from .figures import easy_hard_by_dataset, gain_by_worker, gain_scatter, save_figure, selection_outcome, training_curves
-from .finetune import finetune
+from .figures import (
+    easy_hard_by_dataset, gain_by_worker, gain_scatter, modes_easy_hard, save_figure, selection_outcome, stage1_curves,
+)
 from .foundation import description_accuracy, load_foundation, train_foundation
 from .paths import foundation_dir, worlds_dir
 from .presets import PRESETS, RunConfig
@@ -44,22 +45,26 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
     run_name = f"{out.name} ({preset}, seed {seed})"
 
     root = Path(world_dir) if world_dir else worlds_dir() / f"{preset}-seed{seed}"
-    log.info("[1/5] toy world -> %s", root)
+    log.info("[1/6] toy world -> %s", root)
     info = build_world(root, cfg.world, progress=progress)
 
     fpath = Path(foundation) if foundation else foundation_dir()
     if not (fpath / "foundation.json").exists():
         log.warning("no foundation model at %s: training stage 0 (about 20 minutes on 2 cores)", fpath)
         train_foundation(fpath)
-    log.info("[2/5] stage-0 foundation from %s: measuring what it sees on held-out items", fpath)
+    log.info("[2/6] stage-0 foundation from %s: measuring what it sees on held-out items", fpath)
     backbone, meta = load_foundation(fpath)
     seen = description_accuracy(backbone, seed=10_000 + seed, n=cfg.description_items)
 
     registry = toy_registry(info)
     figs = {}
-    selection_block = None
+    log.info("[3/6] stage-0 direct evaluation (the pretrained model, before any reasoning training)")
+    stage0 = evaluate(backbone, root, registry, "stage0_direct", out_dir=out / "eval",
+                      latency_sample=cfg.latency_sample, progress=progress)
+    evals = {"stage0_direct": stage0.summary()}
+    selection_block, stage1_block = None, None
     if cfg.selection.n_per_dataset > 0:
-        log.info("[3/5] candidate rationales from %d workers, counterfactual selection (stage-0 evaluator)",
+        log.info("[4/6] candidate rationales from %d workers, counterfactual selection (stage-0 evaluator)",
                  5 if cfg.selection.own_worker else 4)
         table, sels, _ = run_selection(backbone, seed, cfg.world.hard_fraction, cfg.selection, out / "selection",
                                        progress=progress)
@@ -69,18 +74,39 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
         figs.update({"selection_gain_scatter": gain_scatter(table, cfg.selection.tau),
                      "selection_gain_by_worker": gain_by_worker(table, cfg.selection.variant),
                      "selection_outcome": selection_outcome(main)})
-    if cfg.finetune.loop.steps > 0:
-        log.info("[4/5] contrastive fine-tuning (%d steps)", cfg.finetune.loop.steps)
-        finetune(backbone, root, list(registry), out / "finetune", cfg.finetune, seed=seed)
-    log.info("[5/5] evaluating (direct embeddings)")
-    direct = evaluate(backbone, root, registry, "direct", out_dir=out / "eval", latency_sample=cfg.latency_sample,
-                      progress=progress)
+    if cfg.selection.n_per_dataset > 0 and cfg.stage1.loop.steps > 0:
+        log.info("[5/6] stage 1 (%d steps): selected rationales, and the random-worker ablation side by side",
+                 cfg.stage1.loop.steps)
+        arms = run_arms(str(fpath), str(root), info, str(out / "selection"), out / "stage1", cfg, seed)
+        ours, abl = arms["selected"], arms["random_worker"]
+        evals.update({"direct": ours["direct"], "always": ours["always"], "oracle": ours["oracle"]})
+        stage1_block = {
+            "steps": ours["steps"], "train_wall_s": ours["train_wall_s"],
+            "rationale_sensitivity": ours["rationale_sensitivity"],
+            "rationale_step_accuracy": ours["rationale_step_accuracy"],
+            "rationale_answer_accuracy": ours["rationale_answer_accuracy"],
+            "rationale_examples": ours["rationale_examples"],
+            "ablation_random_worker": {
+                "steps": abl["steps"], "train_wall_s": abl["train_wall_s"],
+                "rationale_sensitivity": abl["rationale_sensitivity"],
+                "rationale_step_accuracy": abl["rationale_step_accuracy"],
+                "always": {k: abl["always"][k] for k in ("overall", "easy", "hard")}},
+        }
+        figs["stage1_curves"] = stage1_curves({"selected": read_metrics(out / "stage1" / "selected" / "train"),
+                                               "random_worker": read_metrics(out / "stage1" / "random_worker" / "train")})
+        figs["modes_easy_hard"] = modes_easy_hard(evals)
+    else:
+        log.info("[5/6] (no stage 1 in this preset)")
+    log.info("[6/6] writing summary and figures")
+    if "direct" not in evals:
+        evals["direct"] = evals["stage0_direct"]
 
     summary = {
         "preset": preset, "seed": seed, "world": world_summary(info),
         "foundation": {"path": str(fpath), "fingerprint": meta["fingerprint"], "description_accuracy": seen},
-        "eval": {"direct": direct.summary()},
+        "eval": evals,
         **({"selection": selection_block} if selection_block else {}),
+        **({"stage1": stage1_block} if stage1_block else {}),
         "backbone": {"arch": backbone.arch, "source": backbone.source, "video_mode": backbone.video_mode,
                      "params": sum(p.numel() for p in backbone.model.parameters())},
         "wall_s": time.time() - t0,
@@ -88,10 +114,40 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     figs.update({"direct_easy_vs_hard": easy_hard_by_dataset(summary["eval"]["direct"]),
                  "foundation_description_accuracy": description_figure(seen)})
-    ft_metrics = read_metrics(out / "finetune")
-    if ft_metrics:
-        figs["finetune_curve"] = training_curves(ft_metrics, keys=("loss",), title="Contrastive fine-tuning")
     for name, fig in figs.items():
         save_figure(fig, name, run=run_name, directory=out / "figures")
         save_figure(fig, name, run=run_name)
     return summary
+
+
+def _arm_entry(args: tuple) -> dict:
+    from .stage1 import run_arm
+
+    return run_arm(*args)
+
+
+def run_arms(foundation: str, world_root: str, info: dict, selection_dir: str, out: Path, cfg: RunConfig,
+             seed: int) -> dict[str, dict]:
+    """Stage 1 with selected rationales (ours) and with random-worker rationales (ablation), trained at equal
+    steps in two processes of one thread each (two 1-thread processes use 2 cores better than one 2-thread)."""
+    import multiprocessing as mp
+    from dataclasses import replace
+
+    from .stage1 import run_arm
+
+    abl_cfg = replace(cfg.stage1, rationales="random_worker")
+    common = (world_root, info, selection_dir)
+    abl_args = (foundation, *common, str(out / "random_worker"), abl_cfg, seed, cfg.world.hard_fraction, seed, 1,
+                False, cfg.latency_sample)
+    if cfg.parallel_arms:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            pending = pool.apply_async(_arm_entry, (abl_args,))
+            ours = run_arm(foundation, *common, str(out / "selected"), cfg.stage1, seed, cfg.world.hard_fraction,
+                           seed, 1, True, cfg.latency_sample)
+            ablation = pending.get()
+    else:
+        ours = run_arm(foundation, *common, str(out / "selected"), cfg.stage1, seed, cfg.world.hard_fraction, seed,
+                       None, True, cfg.latency_sample)
+        ablation = _arm_entry(abl_args)
+    return {"selected": ours, "random_worker": ablation}

@@ -187,3 +187,35 @@ def selection_outcome(selection) -> go.Figure:
     fig.update_layout(title=f"Selection outcome ({selection.variant}, tau={selection.tau:.2f})", barmode="stack",
                       yaxis_title="share of pairs", template="plotly_white")
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1 (notebook 04)
+
+MODE_ORDER = ("stage0_direct", "direct", "always", "oracle", "adaptive")
+
+
+def modes_easy_hard(evals: dict) -> go.Figure:
+    """Overall / easy / hard score of every inference mode (from summary.json's ``eval``)."""
+    modes = [m for m in MODE_ORDER if m in evals]
+    fig = go.Figure()
+    for key, colour in (("overall", "#888888"), ("easy", EASY), ("hard", HARD)):
+        fig.add_bar(x=modes, y=[evals[m][key] for m in modes], name=key, marker_color=colour)
+    fig.update_layout(title="Inference modes: easy vs hard items", barmode="group", yaxis_title="score (%)",
+                      yaxis_range=[0, 105], template="plotly_white")
+    return fig
+
+
+def stage1_curves(metrics_by_arm: dict[str, list[dict]]) -> go.Figure:
+    """Each loss term of stage 1 per arm against the step."""
+    fig = go.Figure()
+    dashes = ["solid", "dot", "dash"]
+    for a, (arm, metrics) in enumerate(metrics_by_arm.items()):
+        for key, colour in (("nce_reasoned", HARD), ("gen", "#54A24B"), ("nce_direct", EASY)):
+            pts = [(m["step"], m[key]) for m in metrics if key in m]
+            if pts:
+                fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", name=f"{arm}: {key}",
+                                line={"color": colour, "dash": dashes[a % 3]})
+    fig.update_layout(title="Stage 1 training curves per loss term", xaxis_title="step", yaxis_title="loss",
+                      template="plotly_white")
+    return fig

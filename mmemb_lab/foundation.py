@@ -9,7 +9,8 @@ Concept
     does - in minutes. So the objective is
 
         L0 = NextToken(descriptions + atomic single-step QA) + w_aux * CE(attribute head on image tokens)
-             + w_nce * InfoNCE(direct query embedding, positive; in-batch + one hard negative)
+             + w_nce * InfoNCE(direct query embedding, positive; in-batch + mined hard negatives)
+             + w_bow * BagOfWords(LM head at <|emb|> of query and positive -> words of the target)
 
     with the contrastive term joining after ``see_steps`` (grounding first). Multi-step rationales are
     kept out: the skills are single hops (``mmemb_lab.world.skills``), chains are the later stages' job.
@@ -51,7 +52,7 @@ WORLD_VERSION = "toy-world-v1"
 class FoundationConfig:
     spec: TinySpec = field(default_factory=TinySpec)
     """Sizes of the tiny backbone."""
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=2600, lr=1e-3, warmup=100, ckpt_every=100))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=3400, lr=1e-3, warmup=100, ckpt_every=100))
     """Optimiser and schedule."""
     gen_batch: int = 32
     """Descriptions / single-step QA per step."""
@@ -69,6 +70,13 @@ class FoundationConfig:
     """Share of hard items in the contrastive stream (the world's default mix)."""
     hard_negatives: int = 2
     """Mined negatives per query: other candidates of the item (local) or near-miss targets (global)."""
+    bow_weight: float = 0.5
+    """Weight of the answer bag-of-words term (ours): the LM head applied to the ``<|emb|>`` state of a
+    query and of its positive must put its mass on the words of the target's description. A pretrained
+    MLLM's state "knows" what it would answer; this gives the tiny model's embedding token that content
+    directly, instead of waiting for InfoNCE alone to break the symmetry of near-identical states."""
+    gen_batch_nce: int = 16
+    """Descriptions / QA per step once the contrastive term has joined (replay keeps seeing sharp)."""
     span_fraction: float = 0.25
     """Share of easy items whose query carries its ONE gold step in a reasoning span (<think>...</think>):
     a pretrained MLLM reads its context; this teaches the embedder to read a span. Never multi-step."""
@@ -100,10 +108,15 @@ class Stage0(torch.nn.Module):
         out = {"lm": lm, "aux": aux}
         if nce is not None:
             base = base_model(self.model)
-            q, p, n = (pool(base(**b, use_cache=False).last_hidden_state) for b in (nce["q"], nce["p"], nce["n"]))
-            res = info_nce(q, p, nce["temperature"], hard_negatives=n, target_ids=nce["ids"],
-                           negative_ids=nce["neg_ids"])
+            hq, hp, hn = (base(**b, use_cache=False).last_hidden_state[:, -1] for b in (nce["q"], nce["p"], nce["n"]))
+            res = info_nce(F.normalize(hq, dim=-1), F.normalize(hp, dim=-1), nce["temperature"],
+                           hard_negatives=F.normalize(hn, dim=-1), target_ids=nce["ids"], negative_ids=nce["neg_ids"])
             out.update(nce=res.loss, acc=res.accuracy)
+            if nce.get("bow") is not None:  # answer bag of words through the (tied) LM head
+                bow = nce["bow"]
+                lq = -(F.log_softmax(self.model.lm_head(hq), -1) * bow).sum(-1).mean()
+                lp = -(F.log_softmax(self.model.lm_head(hp), -1) * bow).sum(-1).mean()
+                out["bow"] = (lq + lp) / 2
         return out
 
 
@@ -201,12 +214,13 @@ def contrastive_batch(cfg: FoundationConfig, seed: int, step: int, n: int):
     """Query / positive / hard-negative inputs for ``n`` fresh items of random datasets."""
     rng = np.random.default_rng([seed, step, distributed.rank(), 1])
     names = sorted(DATASETS)
-    qs, ps, ns, ids, nids = [], [], [], [], []
+    qs, ps, ns, ids, nids, answers = [], [], [], [], [], []
     for i in range(n):
         name = names[int(rng.integers(len(names)))]
         it = make_item(name, seed, "stream", (step * n + i) * max(1, distributed.world_size()) + distributed.rank(),
                        cfg.hard_fraction)
         cands = item_candidates(it)
+        answers.append(it.answer)
         span = (not it.needs_reasoning and len(it.gold_steps) == 1 and rng.random() < cfg.span_fraction)
         qs.append(item_query(it, it.gold_steps[0] if span else None))
         ps.append(cands[it.labels[0]])
@@ -221,7 +235,15 @@ def contrastive_batch(cfg: FoundationConfig, seed: int, step: int, n: int):
                 other = near_miss(it, rng)
                 ns.append(Input("", to_pil(other), it.target_inst))
                 nids.append(candidate_key("", other))
-    return qs, ps, ns, ids, nids
+    return qs, ps, ns, ids, nids, answers
+
+
+def bag_of_words(tokenizer, texts: list[str]) -> torch.Tensor:
+    """(n, vocab) uniform distribution over each text's tokens."""
+    m = torch.zeros(len(texts), len(tokenizer))
+    for i, t in enumerate(texts):
+        m[i, tokenizer(t, add_special_tokens=False)["input_ids"]] = 1.0
+    return m / m.sum(1, keepdim=True).clamp(min=1)
 
 
 def near_miss(item, rng):
@@ -241,7 +263,8 @@ def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
     def step_fn(step: int, module) -> dict:
         rng = np.random.default_rng([seed, step, distributed.rank(), 0])
         weights = cfg.see_weights if step < cfg.see_steps else None
-        skills = [sample_skill(rng, weights) for _ in range(cfg.gen_batch // world)]
+        n_gen = cfg.gen_batch if step < cfg.see_steps else cfg.gen_batch_nce
+        skills = [sample_skill(rng, weights) for _ in range(n_gen // world)]
         answers = [s.answer + "<|im_end|>" for s in skills]
         batch = collate(backbone, [Input(s.question, to_pil(s.visual)) for s in skills], answers)
         gen = {"batch": batch, "labels": answer_labels(backbone, batch, answers),
@@ -250,11 +273,14 @@ def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
                if cfg.position_head else None}
         nce = None
         if step >= cfg.see_steps and cfg.nce_weight > 0:
-            qs, ps, ns, ids, nids = contrastive_batch(cfg, seed, step, cfg.nce_batch // world)
+            qs, ps, ns, ids, nids, answers = contrastive_batch(cfg, seed, step, cfg.nce_batch // world)
             nce = {"q": collate(backbone, qs), "p": collate(backbone, ps), "n": collate(backbone, ns), "ids": ids,
-                   "neg_ids": nids, "temperature": cfg.temperature}
+                   "neg_ids": nids, "temperature": cfg.temperature,
+                   "bow": bag_of_words(backbone.tokenizer, answers) if cfg.bow_weight > 0 else None}
         out = module(gen, nce)
         loss = out["lm"] + cfg.aux_weight * out["aux"] + (cfg.nce_weight * out["nce"] if nce else 0.0)
+        if "bow" in out:
+            loss = loss + cfg.bow_weight * out["bow"]
         return {**{k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}, "loss": loss}
     return step_fn
 

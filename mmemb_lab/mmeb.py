@@ -174,7 +174,8 @@ def sample_frame_indices(n_frames: int, k: int = N_VIDEO_FRAMES) -> list[int]:
     """The reference's uniform sampling: ``linspace(0, n-1, k)`` truncated to ints; all frames if n <= k."""
     if n_frames <= k:
         return list(range(n_frames))
-    return [int(i * (n_frames - 1) / (k - 1)) for i in range(k)]
+    step = (n_frames - 1) / (k - 1)  # computed as numpy.linspace does, so float rounding agrees too
+    return [int(i * step) for i in range(k - 1)] + [n_frames - 1]
 
 
 def _natural_key(name: str) -> list:
@@ -224,7 +225,7 @@ def visual_from(value, base: Path, where: str, video: bool = False):
 
 
 def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and (path / "state.json").exists() and (path / "dataset_info.json").exists()
+    return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
 
 
 def read_rows(path: str | Path, split: str | None = None) -> list[dict]:
@@ -239,6 +240,8 @@ def read_rows(path: str | Path, split: str | None = None) -> list[dict]:
         from datasets import load_from_disk
 
         ds = load_from_disk(str(path))
+        if hasattr(ds, "keys"):  # a DatasetDict: the split asked for, else the only / first one
+            ds = ds[split] if split in ds else ds[next(iter(ds))]
         for col, feat in ds.features.items():
             if isinstance(feat, ImageFeature):
                 ds = ds.cast_column(col, ImageFeature(decode=False))
@@ -262,9 +265,9 @@ def read_rows(path: str | Path, split: str | None = None) -> list[dict]:
             rows.extend(pq.read_table(f).to_pylist())
         elif f.suffix == ".jsonl":
             rows.extend(json.loads(line) for line in f.read_text().splitlines() if line.strip())
-        else:
+        else:  # a .json table is a list of rows or {"data": [...]}; other json files are metadata
             data = json.loads(f.read_text())
-            rows.extend(data if isinstance(data, list) else data.get("data", []))
+            rows.extend(data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else [])
     return rows
 
 

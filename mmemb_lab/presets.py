@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from .finetune import FinetuneConfig
 from .selection import SelectionConfig
+from .stage1 import Stage1Config
 from .train import LoopConfig
 from .world.build import WorldConfig
 
@@ -22,9 +23,13 @@ class RunConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     """The toy world to generate and evaluate on."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    """Contrastive fine-tuning after stage 0 (steps=0 skips it)."""
+    """Contrastive-only fine-tuning (``mmemb-lab train``; the demo runs stage 1, which includes this term)."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     """Candidate rationales and counterfactual selection after stage 0 (n_per_dataset=0 skips it)."""
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    """Stage 1 joint training (steps=0 skips it); the random-worker ablation uses the same settings."""
+    parallel_arms: bool = True
+    """Train the ablation arm in a second process at the same time (one thread each)."""
     description_items: int = 100
     """Held-out scenes, frames and pages each, to measure what the foundation model sees."""
     latency_sample: int = 16
@@ -37,7 +42,9 @@ class RunConfig:
 def tiny(seed: int = 0) -> RunConfig:
     """CPU preset: 8 toy datasets x 100 eval queries, 256 training rows each, 100 fine-tuning steps."""
     return RunConfig("tiny", WorldConfig(seed=seed, n_train=256, n_eval=100),
-                     FinetuneConfig(loop=LoopConfig(steps=100, lr=2e-4, warmup=10, ckpt_every=25, seed=seed)))
+                     FinetuneConfig(loop=LoopConfig(steps=100, lr=2e-4, warmup=10, ckpt_every=25, seed=seed)),
+                     SelectionConfig(n_per_dataset=96),
+                     Stage1Config(loop=LoopConfig(steps=200, lr=5e-4, warmup=20, ckpt_every=50, seed=seed)))
 
 
 def smoke(seed: int = 0) -> RunConfig:
@@ -45,7 +52,8 @@ def smoke(seed: int = 0) -> RunConfig:
     return RunConfig("smoke", WorldConfig(seed=seed, n_train=16, n_eval=12),
                      FinetuneConfig(loop=LoopConfig(steps=4, lr=2e-4, warmup=1, ckpt_every=2, seed=seed),
                                     batch_size=8), SelectionConfig(n_per_dataset=3, own_max_new_tokens=8),
-                     description_items=4, latency_sample=2)
+                     Stage1Config(loop=LoopConfig(steps=2, lr=5e-4, warmup=1, ckpt_every=2, seed=seed), batch_size=4),
+                     parallel_arms=False, description_items=4, latency_sample=2)
 
 
 PRESETS = {"tiny": tiny, "smoke": smoke}

@@ -48,3 +48,20 @@ def small_world(tmp_path_factory):
 def _threads():
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_foundation(make_backbone, tmp_path_factory):
+    """A stand-in foundation checkpoint (random tiny weights, real fingerprint): tests of the pipeline's
+    plumbing must not wait for, nor depend on, the committed stage-0 model."""
+    import json
+
+    from mmemb_lab.foundation import WORLD_VERSION, world_fingerprint
+
+    path = tmp_path_factory.mktemp("foundation") / "f"
+    bb = make_backbone(seed=21)
+    bb.save(path)
+    (path / "foundation.json").write_text(json.dumps({
+        "world_version": WORLD_VERSION, "fingerprint": world_fingerprint(bb.tokenizer), "seed": 0,
+        "description_accuracy": {}}))
+    return path

@@ -1,0 +1,275 @@
+"""The adaptive gate at inference: one prefill decides whether to reason and already holds the direct embedding.
+
+Concept (method.md, step 5)
+    After stage 2 the model's first assistant token is a decision: ``<think>`` (reason, then embed) or
+    ``<|emb|>`` (embed now). We feed ``prompt + <|emb|>`` once. Under causal attention that single
+    forward gives both
+
+    - the **direct embedding** e(q): the final-normed state at the last position (``<|emb|>``),
+      exactly what ``embed.embed`` computes, and
+    - the **decision**: the next-token distribution at the position *before* ``<|emb|>`` (the
+      assistant start), which does not see ``<|emb|>``. The gate reads
+
+          p_open = p(<think>) / (p(<think>) + p(<|emb|>))
+
+      i.e. the policy's choice between the two legal first tokens (stage 2 samples exactly these two;
+      ``p_think``, the unrenormalised probability, is kept too).
+
+    An input with ``p_open > threshold`` generates a rationale (``inference.generate_rationales``) and
+    is re-embedded after it; every other input keeps its direct embedding, so it costs one forward -
+    the direct path plus one row of the LM head. The threshold is an inference-time knob (equivalently
+    a logit bias b on ``<think>``: open iff z_think + b > z_emb, b = -logit(threshold)); sweeping it
+    traces accuracy against invocation rate and latency (:func:`sweep`).
+
+Deviations / costs to know: an invoked input pays the gate's prefill, then ``generate_rationales``
+prefills the prompt again (it does not reuse the gate's KV cache: Qwen-VL's multimodal rope state makes
+that reuse fragile), then the re-embedding is a third prefill, as in the "always" mode.
+
+Used by: evaluation mode "adaptive" (``AdaptiveEncoder`` as ``evaluate(..., encoder=...)``), the
+threshold sweep in summary.json ``gate.curve``, stage 2's invocation probe, notebook 05.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .backbone import EMB_TOKEN, THINK_OPEN, Backbone
+from .embed import Input, collate, embed, hidden_states, pool
+from .inference import generate_rationales
+
+
+@dataclass(frozen=True)
+class GateOutput:
+    """The single prefill's two products, for n inputs."""
+
+    direct: torch.Tensor
+    """(n, hidden) unit-norm direct embeddings (state at ``<|emb|>``)."""
+    p_think: torch.Tensor
+    """(n,) p(<think>) at the assistant start, full softmax over the vocabulary."""
+    p_emb: torch.Tensor
+    """(n,) p(<|emb|>) at the assistant start."""
+
+    @property
+    def p_open(self) -> torch.Tensor:
+        """(n,) p(<think>) renormalised over the two legal first tokens: the gate's score."""
+        return self.p_think / (self.p_think + self.p_emb).clamp_min(1e-30)
+
+
+@torch.no_grad()
+def gate_forward(backbone: Backbone, inputs: Sequence[Input], batch_size: int = 32) -> GateOutput:
+    """One forward over ``prompt + <|emb|>`` per input: direct embedding and decision probabilities.
+
+    Rationales set on the inputs are ignored (the gate always sees the bare prompt)."""
+    bb = backbone
+    think, emb = bb.token_id(THINK_OPEN), bb.token_id(EMB_TOKEN)
+    head = bb.model.get_output_embeddings()
+    was = bb.model.training
+    bb.model.eval()
+    d, pt, pe = [], [], []
+    try:
+        for s in range(0, len(inputs), batch_size):
+            chunk = [replace(x, rationale=None) for x in inputs[s:s + batch_size]]
+            states = hidden_states(bb, collate(bb, chunk))  # (b, seq, hidden), left-padded
+            d.append(pool(states))
+            logp = torch.log_softmax(head(states[:, -2]).float(), dim=-1)  # next token after the prompt
+            pt.append(logp[:, think].exp())
+            pe.append(logp[:, emb].exp())
+    finally:
+        bb.model.train(was)
+    if not d:
+        h = bb.model.config.text_config.hidden_size
+        return GateOutput(torch.zeros(0, h), torch.zeros(0), torch.zeros(0))
+    return GateOutput(torch.cat(d), torch.cat(pt), torch.cat(pe))
+
+
+@dataclass
+class AdaptiveEncoder:
+    """A query encoder for ``evaluate``: reason only where the gate opens.
+
+    Records, per query and in call order (warm-up and latency calls of ``evaluate`` included; slice by
+    length before/after a call to isolate one): ``generated_tokens`` (0 where not invoked),
+    ``invoked``, ``p_open`` and ``latency_ms``. Latency of a batched call is shared out: the prefill
+    time equally over all queries, the generation + re-embedding time equally over invoked ones (at
+    batch size 1 it is exact).
+    """
+
+    backbone: Backbone
+    threshold: float = 0.5
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    generated_tokens: list[int] = field(default_factory=list)
+    invoked: list[bool] = field(default_factory=list)
+    p_open: list[float] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)
+    unclosed: int = 0
+    last_rationales: list[str | None] = field(default_factory=list)
+
+    def __call__(self, inputs: Sequence[Input]) -> torch.Tensor:
+        inputs = list(inputs)
+        t0 = time.perf_counter()
+        g = gate_forward(self.backbone, inputs, self.batch_size)
+        t1 = time.perf_counter()
+        p = g.p_open.tolist()
+        idx = [i for i, v in enumerate(p) if v > self.threshold]
+        out = g.direct.clone()
+        tokens = [0] * len(inputs)
+        rats: list[str | None] = [None] * len(inputs)
+        if idx:
+            sub = [inputs[i] for i in idx]
+            gen = generate_rationales(self.backbone, sub, self.max_new_tokens, self.batch_size)
+            out[idx] = embed(self.backbone, [replace(x, rationale=t) for x, t in zip(sub, gen.texts)],
+                             batch_size=self.batch_size)
+            for j, i in enumerate(idx):
+                tokens[i], rats[i] = gen.n_tokens[j], gen.texts[j]
+            self.unclosed += sum(not c for c in gen.closed)
+        t2 = time.perf_counter()
+        base = 1000 * (t1 - t0) / max(1, len(inputs))
+        extra = 1000 * (t2 - t1) / max(1, len(idx))
+        chosen = set(idx)
+        self.latency_ms += [base + (extra if i in chosen else 0.0) for i in range(len(inputs))]
+        self.generated_tokens += tokens
+        self.invoked += [i in chosen for i in range(len(inputs))]
+        self.p_open += p
+        self.last_rationales = rats
+        return out
+
+    def reset(self) -> None:
+        self.generated_tokens, self.invoked, self.p_open, self.latency_ms = [], [], [], []
+        self.unclosed, self.last_rationales = 0, []
+
+
+def gate_precision_recall(invoked: Sequence[bool], positive: Sequence[bool]) -> tuple[float | None, float | None]:
+    """Precision and recall of the gate's invocations against a reference (``needs_reasoning``, the
+    oracle's choice...); None where undefined (nothing invoked / no positives)."""
+    inv, pos = np.asarray(invoked, bool), np.asarray(positive, bool)
+    tp = float((inv & pos).sum())
+    precision = tp / inv.sum() if inv.any() else None
+    recall = tp / pos.sum() if pos.any() else None
+    return precision, recall
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One threshold of the sweep."""
+
+    threshold: float
+    invocation_rate: float
+    """Fraction of all evaluation queries whose p_open exceeds the threshold."""
+    invocation_rate_easy: float | None
+    invocation_rate_hard: float | None
+    overall: float
+    """MMEB-style overall score (unweighted mean over datasets), percent."""
+    easy: float | None
+    hard: float | None
+    per_meta_task: dict
+    latency_ms_per_query: float
+    """Gate prefill + (invoked) generation and re-embedding, per query at batch size 1, from the
+    per-query times measured on the latency sample."""
+    generated_tokens_per_query: float
+
+    def summary(self) -> dict:
+        return {"threshold": self.threshold, "invocation_rate": self.invocation_rate,
+                "invocation_rate_easy": self.invocation_rate_easy, "invocation_rate_hard": self.invocation_rate_hard,
+                "overall": self.overall, "easy": self.easy, "hard": self.hard, "per_meta_task": self.per_meta_task,
+                "latency_ms_per_query": self.latency_ms_per_query,
+                "generated_tokens_per_query": self.generated_tokens_per_query}
+
+
+@dataclass
+class _DatasetGate:
+    es: object
+    c_emb: torch.Tensor
+    direct: torch.Tensor
+    reasoned: torch.Tensor  # rows valid where p > min threshold
+    p: np.ndarray
+    tokens: np.ndarray
+    hard: np.ndarray
+    metric: str
+
+
+def sweep(backbone: Backbone, world_root, registry: dict, thresholds: Sequence[float], max_new_tokens: int = 64,
+          batch_size: int = 32, latency_sample: int = 8, progress: bool = False) -> list[SweepPoint]:
+    """Accuracy, invocation rate and latency for every threshold, from ONE pass over the evaluation sets.
+
+    Each query's gate score, direct embedding and (where it exceeds the smallest threshold) reasoned
+    embedding are computed once; each threshold then picks per query. Latency: on the first
+    ``latency_sample`` queries of each dataset, the gate prefill and the reasoning (generation +
+    re-embedding) are timed separately at batch size 1; a threshold's latency is the mean of
+    gate + [p_open > threshold] * reasoning over those queries. Points come back in decreasing threshold
+    order, hence non-decreasing invocation rate (and latency) by construction.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import load_eval
+    from .evaluate import score_set
+    from .metrics import aggregate
+
+    ths = sorted({float(t) for t in thresholds}, reverse=True)
+    if not ths:
+        raise ValueError("no thresholds")
+    lo = ths[-1]
+    per: dict[str, _DatasetGate] = {}
+    lat_gate, lat_reason, lat_p = [], [], []
+    for name, info in tqdm(registry.items(), desc="gate sweep", disable=not progress):
+        es = load_eval(world_root, name, info.eval_type)
+        if not es.queries:
+            continue
+        inputs = [q.query for q in es.queries]
+        c_emb = embed(backbone, list(es.candidates.values()), batch_size=batch_size)
+        g = gate_forward(backbone, inputs, batch_size)
+        p = g.p_open.numpy().astype(float)
+        reasoned = g.direct.clone()
+        tokens = np.zeros(len(inputs))
+        idx = [i for i in range(len(inputs)) if p[i] > lo]
+        if idx:
+            sub = [inputs[i] for i in idx]
+            gen = generate_rationales(backbone, sub, max_new_tokens, batch_size)
+            reasoned[idx] = embed(backbone, [replace(x, rationale=t) for x, t in zip(sub, gen.texts)],
+                                  batch_size=batch_size)
+            tokens[idx] = gen.n_tokens
+        hard = np.array([bool(q.needs_reasoning) for q in es.queries])
+        per[name] = _DatasetGate(es, c_emb, g.direct, reasoned, p, tokens, hard, info.metric)
+        for i, x in enumerate(inputs[:latency_sample]):
+            t0 = time.perf_counter()
+            gate_forward(backbone, [x])
+            t1 = time.perf_counter()
+            gen1 = generate_rationales(backbone, [x], max_new_tokens)
+            embed(backbone, [replace(x, rationale=gen1.texts[0])])
+            t2 = time.perf_counter()
+            lat_gate.append(1000 * (t1 - t0))
+            lat_reason.append(1000 * (t2 - t1))
+            lat_p.append(p[i])
+    if not per:
+        raise ValueError(f"no evaluation queries under {world_root}")
+    lat_gate_a, lat_reason_a, lat_p_a = map(np.asarray, (lat_gate, lat_reason, lat_p))
+    points = []
+    for t in ths:
+        scores, easy, hard, n_inv, n_all, toks = {}, [], [], 0, 0, 0.0
+        inv_easy, inv_hard = [], []
+        for name, dg in per.items():
+            use = dg.p > t
+            q = torch.where(torch.as_tensor(use)[:, None], dg.reasoned, dg.direct)
+            ds = score_set(dg.es, q, dg.c_emb, dg.metric)
+            scores[name] = ds.score
+            for split, out in ((False, easy), (True, hard)):
+                v = ds.split(split)
+                if v is not None:
+                    out.append(v)
+            n_inv += int(use.sum())
+            n_all += len(use)
+            toks += float(dg.tokens[use].sum())
+            inv_easy += list(use[~dg.hard])
+            inv_hard += list(use[dg.hard])
+        agg = aggregate(scores, {k: registry[k] for k in scores})
+        lat = float(np.mean(lat_gate_a + (lat_p_a > t) * lat_reason_a)) if len(lat_gate_a) else float("nan")
+        points.append(SweepPoint(
+            t, n_inv / n_all, float(np.mean(inv_easy)) if inv_easy else None,
+            float(np.mean(inv_hard)) if inv_hard else None, agg.overall,
+            float(np.mean(easy)) if easy else None, float(np.mean(hard)) if hard else None,
+            dict(agg.per_meta_task), lat, toks / n_all))
+    return points

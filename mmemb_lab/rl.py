@@ -1,0 +1,369 @@
+"""Stage 2: learn *when* to reason, by GRPO with the utility-gap reward (method.md, step 4).
+
+Concept
+    The stage-1 model can both embed directly and reason-then-embed. Stage 2 turns the first
+    assistant token into a learned decision. For each training query the policy samples a group of G
+    completions; each either opens a span and writes a rationale (``<think> r </think><|emb|>``) or
+    embeds at once (``<|emb|>``). Each completion is scored by ``mmemb_lab.rewards`` (utility gap
+    delta = s(q + r, t+) - s(q, t+) under the current policy, minus a per-token cost, plus a format
+    term); advantages are the rewards normalised within the group (:func:`group_advantages`), and the
+    policy gradient raises the log-probability of completions that beat their group. Queries where
+    reasoning pays (hard items whose rationale resolves the chain) learn to open the span; queries
+    where it does not (easy items) learn to embed at once. The rationale tokens are trained by the same
+    signal, so reasoning that raises the pair's confidence is reinforced.
+
+    Implementation: trl's ``GRPOTrainer`` (CPU here; accelerate / DeepSpeed / vLLM rollouts on GPUs
+    through trl's own options). Our pieces: a processor for the tiny or real Qwen-VL that needs no
+    torchvision (:func:`make_processor`; its chat template renders exactly ``embed.prompt_text``),
+    a dataset of conversational prompts with an ``images`` column (:func:`rl_dataset`), the reward
+    functions, and a callback that measures the gate's invocation rate on a probe set during training.
+
+Entry point: :func:`train_rl` (the backbone's weights are updated in place). On GPUs, run the calling
+script under ``accelerate launch``; ``RLConfig.prompts_per_step`` is then per process.
+
+Where our GRPO departs from textbook GRPO (DeepSeekMath) - and from the paper's outline
+    - **Constrained decision token** (ours, ``constrain_decision``): at the first sampled position only
+      ``<think>`` and ``<|emb|>`` may be drawn (``begin_suppress_tokens``). Every completion is then a
+      real choice between the two paths; the loss still uses the unconstrained log-probability, so
+      the gradient moves p(<think>) against p(<|emb|>) and the rest of the vocabulary.
+    - **Loss aggregation**: trl's default ``loss_type="dapo"`` (token losses averaged over all active
+      tokens of the batch) instead of the per-sequence mean, which would favour short completions with
+      positive advantage and long ones with negative advantage. Configurable.
+    - **No KL by default** (``beta=0.0``, trl's default; DAPO / Dr. GRPO drop it): no reference model
+      copy. Set ``beta > 0`` for the textbook KL to the initial policy (trl keeps a frozen copy, or
+      disables LoRA adapters when the policy is a peft model).
+    - **One policy update per generation batch** (``num_iterations=1``): the importance ratio is 1 and
+      clipping (``epsilon``) is inactive; raise ``num_iterations`` for PPO-style reuse.
+    - **Moving reward**: the reward is computed by the policy's own embeddings (``rewards``), not by
+      a fixed verifier.
+    - The paper does not say how rewards are combined or which loss variant it uses; ours are the
+      documented defaults above and in ``RLConfig`` / ``rewards.RewardConfig``.
+
+Used by: the demo (stage 2, ``eval.adaptive``), notebook 05 (reward and invocation curves).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .backbone import EMB_TOKEN, THINK_OPEN, Backbone
+from .embed import Input, storyboard
+from .rewards import PairTargets, RewardConfig, reward_functions
+
+log = logging.getLogger(__name__)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""Renders a user turn exactly as ``embed.prompt_text`` does (vision blocks, then instruction and text)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# processor and dataset
+
+
+class _NoVideoProcessor:
+    """Mixin for the Qwen-VL processors: no video processor (the stock one needs torchvision), and image
+    lists flattened with prompts without images dropped (trl passes ``None`` for a text-only prompt)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def __call__(self, images=None, text=None, **kwargs):
+        if isinstance(images, (list, tuple)):
+            flat = []
+            for x in images:
+                if isinstance(x, (list, tuple)):
+                    flat.extend(y for y in x if y is not None)
+                elif x is not None:
+                    flat.append(x)
+            images = flat or None
+        return super().__call__(images=images, text=text, **kwargs)
+
+
+_PROCESSOR_CLASSES: dict[str, type] = {}
+
+
+def _processor_class(arch: str) -> type:
+    if arch not in _PROCESSOR_CLASSES:
+        import transformers
+
+        base = {"qwen3_vl": "Qwen3VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                "qwen2_vl": "Qwen2VLProcessor"}[arch]
+        _PROCESSOR_CLASSES[arch] = type(f"Emb{base}", (_NoVideoProcessor, getattr(transformers, base)), {})
+    return _PROCESSOR_CLASSES[arch]
+
+
+def make_processor(backbone: Backbone):
+    """The processing class trl needs for a VLM: tokenizer + PIL image processor + our chat template."""
+    return _processor_class(backbone.arch)(backbone.image_processor, backbone.tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def prompt_messages(inp: Input, video_mode: str = "frames_as_images") -> tuple[list[dict], list]:
+    """(conversational prompt with image placeholders, its images) rendering like ``embed.prompt_text``."""
+    ims = [im.convert("RGB") for im in inp.images()]
+    if len(ims) > 1 and video_mode == "storyboard":
+        ims = [storyboard(ims)]
+    content = []
+    for k in range(len(ims)):
+        if len(ims) > 1:
+            content.append({"type": "text", "text": f"frame {k + 1}: "})
+        content.append({"type": "image", "text": None})
+    content.append({"type": "text", "text": "\n".join(x for x in (inp.instruction, inp.text) if x)})
+    return [{"role": "user", "content": content}], ims
+
+
+def rl_dataset(pairs: Sequence[PairTargets], video_mode: str = "frames_as_images"):
+    """A ``datasets.Dataset`` of prompts for trl: ``prompt``, ``images``, and the columns the rewards and
+    analysis read (``item_id``, ``needs_reasoning``, ``dataset``)."""
+    from datasets import Dataset, Features, Image, List, Value
+
+    rows = []
+    for p in pairs:
+        msgs, ims = prompt_messages(p.query, video_mode)
+        rows.append({"prompt": msgs, "images": ims, "item_id": p.key, "needs_reasoning": p.needs_reasoning,
+                     "dataset": p.dataset})
+    feats = Features({"prompt": List({"role": Value("string"),
+                                      "content": List({"type": Value("string"), "text": Value("string")})}),
+                      "images": List(Image()), "item_id": Value("string"), "needs_reasoning": Value("bool"),
+                      "dataset": Value("string")})
+    return Dataset.from_list(rows, features=feats)
+
+
+def toy_rl_pairs(world_seed: int, hard_fraction: float, n_per_dataset: int, start: int = 0,
+                 datasets: Sequence[str] | None = None, seed: int = 0) -> list[PairTargets]:
+    """Training queries of the toy world (``train`` split, indices ``start..start+n-1`` per dataset) with
+    the same positives and negatives as posterior selection (``selection.toy_pairs``)."""
+    from .data import item_query
+    from .selection import toy_pairs
+    from .world.tasks import DATASETS, make_item
+
+    items = [make_item(d, world_seed, "train", start + i, hard_fraction)
+             for d in (datasets or sorted(DATASETS)) for i in range(n_per_dataset)]
+    return [PairTargets(p.item.item_id, item_query(p.item), p.positive, tuple(p.negatives),
+                        bool(p.item.needs_reasoning), p.item.dataset)
+            for p in toy_pairs(items, [[] for _ in items], seed=seed)]
+
+
+# ---------------------------------------------------------------------------------------------
+# advantages
+
+
+def group_advantages(rewards, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages as trl computes them: reward minus its group's mean, divided by the group's
+    (Bessel-corrected) std + eps (``scale="group"``), the batch std (``"batch"``) or nothing (``"none"``).
+
+    ``rewards``: (n_groups * group_size,), consecutive rows = one prompt's group (trl's order)."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
+    if group_size < 1 or r.numel() % group_size:
+        raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
+    g = r.view(-1, group_size)  # (groups, G)
+    adv = g - g.mean(dim=1, keepdim=True)
+    if scale == "group":
+        std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(adv)
+        adv = adv / (std + eps)
+    elif scale == "batch":
+        adv = adv / ((r.std() if r.numel() > 1 else torch.tensor(0.0)) + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown scale {scale!r}")
+    return adv.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """Stage-2 settings (all defaults ours; the paper's are not public)."""
+
+    steps: int = 100
+    """Optimiser steps (one generation batch each)."""
+    lr: float = 1e-4
+    """Learning rate (AdamW, constant)."""
+    prompts_per_step: int = 8
+    """Distinct queries per step (per process); each is sampled ``num_generations`` times."""
+    num_generations: int = 8
+    """Group size G: completions per query, normalised together."""
+    max_completion_length: int = 64
+    """Token budget of a completion (decision + span + <|emb|>); a span still open at the end is "unclosed"."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    beta: float = 0.0
+    """KL coefficient to the initial policy (0: no reference model, trl's default)."""
+    epsilon: float = 0.2
+    """PPO clipping range (active only with num_iterations > 1)."""
+    num_iterations: int = 1
+    """Policy updates per generation batch."""
+    loss_type: str = "dapo"
+    """trl loss aggregation ("grpo", "dr_grpo", "dapo", "bnpo", ...)."""
+    scale_rewards: str = "group"
+    """Advantage scaling: "group" (textbook GRPO), "batch" or "none" (Dr. GRPO)."""
+    constrain_decision: bool = True
+    """Sample only <think> or <|emb|> as the first token (see module docstring)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward constants (``mmemb_lab.rewards``)."""
+    probe_every: int = 10
+    """Measure the gate's invocation rate on the probe set every this many steps (and at 0 and the end)."""
+    probe_threshold: float = 0.5
+    """Gate threshold for the probe's invocation rate."""
+    embed_batch_size: int = 32
+    """Batch size of the reward's and probe's embedding passes."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass (trl turns it on by default; useless on a tiny model)."""
+    trl_args: dict = field(default_factory=dict)
+    """Extra ``trl.GRPOConfig`` arguments, applied last (GPU users: ``use_vllm``, ``vllm_mode``, ``bf16``...)."""
+    seed: int = 0
+    """Seed of trl's sampler and rollouts."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.lr <= 0 or self.prompts_per_step < 1 or self.num_generations < 2:
+            raise ValueError(f"invalid RL config: steps, lr, prompts_per_step >= 1, num_generations >= 2 ({self})")
+        if self.max_completion_length < 1 or self.probe_every < 1:
+            raise ValueError("max_completion_length and probe_every must be >= 1")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"unknown scale_rewards {self.scale_rewards!r}")
+
+
+@dataclass(frozen=True)
+class RLResult:
+    """What a stage-2 run did."""
+
+    history: list[dict]
+    """One dict per step from trl's log: step, reward, rewards/<term>/mean, sampled_invocation_rate,
+    completions/mean_length, loss, ..."""
+    invocation: list[dict]
+    """Probe measurements: step, invocation_rate (p_open > probe_threshold), mean_p_open, and the same
+    on easy / hard probe queries where labels exist."""
+    steps_done: int
+    wall_s: float
+
+
+def probe_invocation(backbone: Backbone, inputs: Sequence[Input], hard: Sequence[bool | None] | None = None,
+                     threshold: float = 0.5, batch_size: int = 32) -> dict:
+    """The gate's invocation statistics on ``inputs`` (one prefill each): overall, easy and hard."""
+    from .gate import gate_forward
+
+    p = gate_forward(backbone, inputs, batch_size).p_open.numpy()
+    out = {"invocation_rate": float((p > threshold).mean()), "mean_p_open": float(p.mean())}
+    if hard is not None:
+        h = np.array([bool(x) for x in hard])
+        known = np.array([x is not None for x in hard])
+        for name, m in (("easy", known & ~h), ("hard", known & h)):
+            out[f"invocation_rate_{name}"] = float((p[m] > threshold).mean()) if m.any() else None
+            out[f"mean_p_open_{name}"] = float(p[m].mean()) if m.any() else None
+    return out
+
+
+def _probe_callback(backbone: Backbone, probe: Sequence[PairTargets], cfg: RLConfig, records: list[dict]):
+    from transformers import TrainerCallback
+
+    inputs = [p.query for p in probe]
+    hard = [p.needs_reasoning for p in probe]
+
+    class InvocationProbe(TrainerCallback):
+        def _measure(self, step: int) -> None:
+            records.append({"step": step, **probe_invocation(backbone, inputs, hard, cfg.probe_threshold,
+                                                              cfg.embed_batch_size)})
+
+        def on_train_begin(self, args, state, control, **kw):
+            self._measure(0)
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % cfg.probe_every == 0 or state.global_step == state.max_steps:
+                self._measure(state.global_step)
+
+    return InvocationProbe()
+
+
+def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = RLConfig(),
+             out_dir: str | Path = "runs/rl", probe: Sequence[PairTargets] | None = None,
+             reward_funcs: list | None = None, progress: bool = False) -> RLResult:
+    """Run GRPO on ``pairs`` with trl; the backbone's weights are updated in place.
+
+    ``probe`` (default: up to 64 of ``pairs``) is the set on which the gate's invocation rate is
+    tracked. ``reward_funcs`` replaces the default rewards (``rewards.reward_functions``; used by tests
+    to build constructed cases). Writes ``config.json``, ``history.jsonl`` and ``invocation.jsonl``
+    to ``out_dir``."""
+    from transformers import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from .train import atomic_write_text
+
+    pairs = list(pairs)
+    if len(pairs) < cfg.prompts_per_step:
+        raise ValueError(f"{len(pairs)} training queries for {cfg.prompts_per_step} prompts per step")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=1))
+    model = backbone.model
+    think, emb = backbone.token_id(THINK_OPEN), backbone.token_id(EMB_TOKEN)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    gen_kwargs = {"begin_suppress_tokens": [i for i in range(vocab) if i not in (think, emb)]} \
+        if cfg.constrain_decision else None
+    cuda = torch.cuda.is_available()
+    args = GRPOConfig(**{**dict(
+        output_dir=str(out / "trl"), use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(),
+        max_steps=cfg.steps, learning_rate=cfg.lr, lr_scheduler_type="constant",
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations, gradient_accumulation_steps=1,
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature, beta=cfg.beta, epsilon=cfg.epsilon, num_iterations=cfg.num_iterations,
+        loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, generation_kwargs=gen_kwargs,
+        activation_checkpointing=cfg.activation_checkpointing, remove_unused_columns=False, report_to="none",
+        save_strategy="no", logging_steps=1, disable_tqdm=not progress, seed=cfg.seed), **cfg.trl_args})
+    if reward_funcs is None:
+        reward_funcs = reward_functions(backbone, pairs, cfg.reward, cfg.embed_batch_size)
+    records: list[dict] = []
+    callback = _probe_callback(backbone, list(probe) if probe is not None else pairs[:64], cfg, records)
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft wrapper
+    saved_gen = copy.deepcopy(owner.generation_config)
+    # A completion ends at <|emb|> (the embedding token) or at <|im_end|>; trl reads the ids from here.
+    owner.generation_config.eos_token_id = [emb, backbone.tokenizer.eos_token_id]
+    was_training = model.training
+    t0 = time.time()
+    try:
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args,
+                              train_dataset=rl_dataset(pairs, backbone.video_mode),
+                              processing_class=make_processor(backbone), callbacks=[callback])
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict; the history is returned instead
+        trainer.train()
+        steps = trainer.state.global_step
+        history = [_clean(h) for h in trainer.state.log_history if "reward" in h]
+    finally:
+        owner.generation_config = saved_gen
+        model.train(was_training)
+    wall = time.time() - t0
+    atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    atomic_write_text(out / "invocation.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    log.info("stage 2: %d GRPO steps in %.0f s; invocation rate %s -> %s", steps, wall,
+             records[0]["invocation_rate"] if records else None, records[-1]["invocation_rate"] if records else None)
+    return RLResult(history, records, steps, wall)
+
+
+def _clean(h: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in h.items()}
+
+
+def read_rl_run(out_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """(history, invocation) of a finished run, from its files (for notebooks and figures)."""
+    out = Path(out_dir)
+
+    def rows(name: str) -> list[dict]:
+        p = out / name
+        return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+
+    return rows("history.jsonl"), rows("invocation.jsonl")
+

@@ -1,0 +1,112 @@
+"""The adaptive gate: one prefill gives the direct embedding and the decision; only opened inputs generate."""
+
+import numpy as np
+import pytest
+import torch
+
+from mmemb_lab import gate
+from mmemb_lab.data import item_query
+from mmemb_lab.embed import collate, embed
+from mmemb_lab.gate import AdaptiveEncoder, gate_forward, gate_precision_recall, sweep
+from mmemb_lab.inference import ReasoningEncoder
+from mmemb_lab.world.tasks import make_item
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """An image query, a text-only query, a frame sequence, a page query: different lengths, left padding."""
+    return [item_query(make_item(d, 0, "eval", i, 0.5)) for i, d in
+            enumerate(["toy_qa", "toy_t2i", "toy_video_qa", "toy_doc", "toy_cls"])]
+
+
+def test_direct_embedding_from_the_gate_prefill_equals_embed(backbone, inputs):
+    g = gate_forward(backbone, inputs, batch_size=3)
+    ref = embed(backbone, inputs, batch_size=5)
+    assert g.direct.shape == ref.shape
+    assert torch.allclose(g.direct, ref, atol=1e-5)
+
+
+def test_decision_is_the_next_token_distribution_after_the_prompt(backbone, inputs):
+    """p(<think>) at the assistant start equals the LM's softmax on the prompt alone (no <|emb|> seen)."""
+    g = gate_forward(backbone, inputs)
+    with torch.no_grad():
+        logits = backbone.model(**collate(backbone, inputs, [""] * len(inputs))).logits[:, -1]
+    p = torch.softmax(logits.float(), dim=-1)
+    assert torch.allclose(g.p_think, p[:, backbone.token_id("<think>")], atol=1e-6)
+    assert torch.allclose(g.p_emb, p[:, backbone.token_id("<|emb|>")], atol=1e-6)
+    assert ((g.p_open > 0) & (g.p_open < 1)).all()
+    assert torch.allclose(g.p_open, g.p_think / (g.p_think + g.p_emb))
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = gate.generate_rationales
+
+    def spy(bb, xs, *a, **k):
+        calls.append(list(xs))
+        return real(bb, xs, *a, **k)
+    monkeypatch.setattr(gate, "generate_rationales", spy)
+    return calls
+
+
+def test_a_closed_gate_generates_nothing(backbone, inputs, monkeypatch):
+    calls = _spy(monkeypatch)
+    enc = AdaptiveEncoder(backbone, threshold=1.0, max_new_tokens=4)
+    out = enc(inputs)
+    assert calls == []
+    assert torch.allclose(out, embed(backbone, inputs), atol=1e-5)
+    assert enc.generated_tokens == [0] * len(inputs) and enc.invoked == [False] * len(inputs)
+    assert len(enc.latency_ms) == len(inputs) and all(t > 0 for t in enc.latency_ms)
+
+
+def test_an_open_gate_matches_the_always_mode(backbone, inputs, monkeypatch):
+    calls = _spy(monkeypatch)
+    enc = AdaptiveEncoder(backbone, threshold=0.0, max_new_tokens=4)
+    out = enc(inputs)
+    always = ReasoningEncoder(backbone, max_new_tokens=4)
+    assert len(calls) == 1 and len(calls[0]) == len(inputs)
+    assert torch.allclose(out, always(inputs), atol=1e-5)
+    assert enc.generated_tokens == always.generated_tokens and all(enc.invoked)
+
+
+def test_only_inputs_above_the_threshold_generate(backbone, inputs, monkeypatch):
+    p = gate_forward(backbone, inputs).p_open
+    t = float(p.median())
+    above = [i for i in range(len(inputs)) if p[i] > t]
+    calls = _spy(monkeypatch)
+    enc = AdaptiveEncoder(backbone, threshold=t, max_new_tokens=4)
+    out = enc(inputs)
+    assert [x.name for x in calls[0]] == [inputs[i].name for i in above]
+    assert enc.invoked == [i in above for i in range(len(inputs))]
+    direct = embed(backbone, inputs)
+    for i in range(len(inputs)):
+        if i not in above:
+            assert torch.allclose(out[i], direct[i], atol=1e-5)
+    assert all((enc.generated_tokens[i] > 0) == (i in above) for i in range(len(inputs)))
+
+
+def test_precision_recall_by_hand():
+    assert gate_precision_recall([1, 1, 0, 0, 1], [1, 0, 1, 0, 1]) == (2 / 3, 2 / 3)
+    assert gate_precision_recall([0, 0], [1, 0]) == (None, 0.0)
+    assert gate_precision_recall([1, 0], [0, 0]) == (0.0, None)
+
+
+def test_sweep_is_monotone_and_its_ends_are_direct_and_always(backbone, small_world):
+    from mmemb_lab.evaluate import evaluate
+    from mmemb_lab.world.build import toy_registry
+
+    root, info = small_world
+    reg = {k: v for k, v in toy_registry(info).items() if k in ("toy_qa", "toy_t2i", "toy_doc")}
+    points = sweep(backbone, root, reg, [0.5, 0.0, 1.0, 0.45, 0.55], max_new_tokens=4, latency_sample=1)
+    assert [pt.threshold for pt in points] == [1.0, 0.55, 0.5, 0.45, 0.0]
+    rates = [pt.invocation_rate for pt in points]
+    assert rates == sorted(rates) and rates[0] == 0.0 and rates[-1] == 1.0
+    lat = [pt.latency_ms_per_query for pt in points]
+    assert lat == sorted(lat) and lat[0] > 0
+    assert points[0].generated_tokens_per_query == 0 and points[-1].generated_tokens_per_query > 0
+    direct = evaluate(backbone, root, reg, latency_sample=1, progress=False)
+    assert np.isclose(points[0].overall, direct.overall)
+    always = evaluate(backbone, root, reg, "always", encoder=ReasoningEncoder(backbone, 4), latency_sample=1,
+                      progress=False)
+    assert np.isclose(points[-1].overall, always.overall)
+    assert set(points[2].summary()) >= {"threshold", "invocation_rate", "overall", "latency_ms_per_query"}
