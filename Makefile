@@ -34,9 +34,10 @@ test: $(MARKER)
 bench: $(MARKER)
 	$(OFFLINE) $(VPY) -m mmemb_lab bench --out runs/bench
 
-# Retrains the committed stage-0 foundation model in data/foundation.
+# Retrains the committed stage-0 foundation model in data/foundation: two 1-thread processes (gloo) use
+# 2 cores better than one 2-thread process; the same code runs on N GPUs under torchrun/accelerate.
 foundation: $(MARKER)
-	$(OFFLINE) $(VPY) -m mmemb_lab foundation --out data/foundation
+	$(OFFLINE) OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 -m mmemb_lab foundation --out data/foundation
 
 lab: $(MARKER)
 	$(VENV)/bin/jupyter lab notebooks/
