@@ -12,8 +12,9 @@ Concept
 
     Intuition: removal credits everything a rationale does, including the mere presence of
     reasoning-shaped text; swap keeps the format and changes only the content, so a rationale whose
-    benefit is its format (the shortcut of always-reasoning embedders) gains nothing. Selection keeps
-    the best r_k whose gain clears tau, else the pair's latent is "no reasoning" (r = none).
+    benefit is its format (the shortcut of always-reasoning embedders) gains nothing. Selection keeps,
+    among the r_k whose gain clears tau, the one with the highest confidence C(q + r_k, t+); if none
+    clears it, the pair's latent is "no reasoning" (r = none).
 
     Default tau = ln 2 (ours): a rationale must at least double p(t+ | q) under the evaluator.
 
@@ -245,11 +246,18 @@ class Selection:
 
 
 def select(table: GainTable, variant: str = "swap", tau: float = TAU) -> Selection:
-    """Keep the best valid candidate whose gain exceeds tau; else "no reasoning" (-1)."""
-    g = np.where(table.valid, table.gains(variant), -np.inf)
-    g = np.nan_to_num(g, nan=-np.inf)
-    best = np.argmax(g, axis=1)
-    ok = g[np.arange(len(g)), best] > tau
+    """Among valid candidates whose gain exceeds tau, keep the one with the highest confidence
+    C(q + r, t+); if none passes, "no reasoning" (-1).
+
+    The counterfactual is the *filter* (does the content matter for this pair?) and the pair-aware
+    confidence is the *ranking*: gains of different workers are measured against different swap
+    partners, so the largest gain is not the best rationale (a hallucinating worker whose own swap
+    partner is very wrong can out-gain a correct one)."""
+    g = np.nan_to_num(np.where(table.valid, table.gains(variant), -np.inf), nan=-np.inf)
+    passing = g > tau
+    conf = np.where(passing, np.nan_to_num(table.logp_with, nan=-np.inf), -np.inf)
+    best = np.argmax(conf, axis=1)
+    ok = passing.any(axis=1)
     return Selection(variant, tau, np.where(ok, best, -1), table)
 
 
