@@ -20,12 +20,9 @@ from .world.tasks import DATASETS, make_item
 
 
 def _timed(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    from .harness import _best_of
+
+    return _best_of(fn, repeats)
 
 
 def embedding_throughput(backbone, n: int = 64, batch_size: int = 32) -> dict:

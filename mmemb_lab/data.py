@@ -109,11 +109,12 @@ def load_visual(root: Path, rel: str | list, where: str):
         if len(frames) > N_VIDEO_FRAMES:
             idx = [round(i * (len(frames) - 1) / (N_VIDEO_FRAMES - 1)) for i in range(N_VIDEO_FRAMES)]
             frames = [frames[i] for i in idx]
-        return [_open(p, where) for p in frames]
-    return _open(path, where)
+        return [open_image(p, where) for p in frames]
+    return open_image(path, where)
 
 
-def _open(path: Path, where: str) -> Image.Image:
+def open_image(path: Path, where: str) -> Image.Image:
+    """Open one image as RGB; a missing or corrupt file raises ``DataError`` naming it."""
     if not path.exists():
         raise DataError(f"{where}: missing image file {path}")
     try:

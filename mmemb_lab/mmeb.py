@@ -80,7 +80,9 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
-from .data import BEIR_COLUMNS, N_VIDEO_FRAMES, TRAIN_COLUMNS, DataError, EvalQuery, EvalSet, strip_placeholders
+from .data import (
+    BEIR_COLUMNS, N_VIDEO_FRAMES, TRAIN_COLUMNS, DataError, EvalQuery, EvalSet, open_image, strip_placeholders,
+)
 from .embed import Input
 from .registry import MMEB_V2, DatasetInfo
 
@@ -142,14 +144,7 @@ class LazyVisual:
 
 
 def _open_file(path: Path, where: str) -> Image.Image:
-    if not path.exists():
-        raise DataError(f"{where}: missing image file {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"{where}: corrupt or unreadable image {path} ({e})") from e
+    return open_image(path, where)
 
 
 def resolve(inp: Input) -> Input:
