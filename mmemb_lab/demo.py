@@ -1,4 +1,4 @@
-"""The main job, end to end on one preset: world -> foundation -> selection -> stage 1 -> evaluation.
+"""The main job, end to end on one preset: world -> foundation -> selection -> stage 1 -> stage 2 -> evaluation.
 
 What ``make demo`` runs (``python -m mmemb_lab demo --seed S --out DIR``). Every step writes its
 outputs under ``DIR`` and resumes where a killed run stopped (the world and the foundation are reused
@@ -17,12 +17,14 @@ from pathlib import Path
 from .evaluate import evaluate
 from .figures import description_accuracy as description_figure
 from .figures import (
-    easy_hard_by_dataset, gain_by_worker, gain_scatter, modes_easy_hard, save_figure, selection_outcome, stage1_curves,
+    easy_hard_by_dataset, gain_by_worker, gain_scatter, gate_curve, gate_invocation, modes_easy_hard, rl_curves,
+    save_figure, selection_outcome, stage1_curves,
 )
 from .foundation import description_accuracy, load_foundation, train_foundation
 from .paths import foundation_dir, worlds_dir
 from .presets import PRESETS, RunConfig
 from .selection import gold_rationale_gain, run_selection, selection_summary
+from .stage2 import run_stage2
 from .train import atomic_write_text, read_metrics
 from .world.build import build_world, toy_registry
 
@@ -45,26 +47,26 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
     run_name = f"{out.name} ({preset}, seed {seed})"
 
     root = Path(world_dir) if world_dir else worlds_dir() / f"{preset}-seed{seed}"
-    log.info("[1/6] toy world -> %s", root)
+    log.info("[1/7] toy world -> %s", root)
     info = build_world(root, cfg.world, progress=progress)
 
     fpath = Path(foundation) if foundation else foundation_dir()
     if not (fpath / "foundation.json").exists():
         log.warning("no foundation model at %s: training stage 0 (about 20 minutes on 2 cores)", fpath)
         train_foundation(fpath)
-    log.info("[2/6] stage-0 foundation from %s: measuring what it sees on held-out items", fpath)
+    log.info("[2/7] stage-0 foundation from %s: measuring what it sees on held-out items", fpath)
     backbone, meta = load_foundation(fpath)
     seen = description_accuracy(backbone, seed=10_000 + seed, n=cfg.description_items)
 
     registry = toy_registry(info)
     figs = {}
-    log.info("[3/6] stage-0 direct evaluation (the pretrained model, before any reasoning training)")
+    log.info("[3/7] stage-0 direct evaluation (the pretrained model, before any reasoning training)")
     stage0 = evaluate(backbone, root, registry, "stage0_direct", out_dir=out / "eval",
                       latency_sample=cfg.latency_sample, progress=progress)
     evals = {"stage0_direct": stage0.summary()}
-    selection_block, stage1_block = None, None
+    selection_block, stage1_block, gate_block, stage2_block = None, None, None, None
     if cfg.selection.n_per_dataset > 0:
-        log.info("[4/6] candidate rationales from %d workers, counterfactual selection (stage-0 evaluator)",
+        log.info("[4/7] candidate rationales from %d workers, counterfactual selection (stage-0 evaluator)",
                  5 if cfg.selection.own_worker else 4)
         table, sels, _ = run_selection(backbone, seed, cfg.world.hard_fraction, cfg.selection, out / "selection",
                                        progress=progress)
@@ -75,7 +77,7 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
                      "selection_gain_by_worker": gain_by_worker(table, cfg.selection.variant),
                      "selection_outcome": selection_outcome(main)})
     if cfg.selection.n_per_dataset > 0 and cfg.stage1.loop.steps > 0:
-        log.info("[5/6] stage 1 (%d steps): selected rationales, and the random-worker ablation side by side",
+        log.info("[5/7] stage 1 (%d steps): selected rationales, and the random-worker ablation side by side",
                  cfg.stage1.loop.steps)
         arms = run_arms(str(fpath), str(root), info, str(out / "selection"), out / "stage1", cfg, seed)
         ours, abl = arms["selected"], arms["random_worker"]
@@ -94,10 +96,20 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
         }
         figs["stage1_curves"] = stage1_curves({"selected": read_metrics(out / "stage1" / "selected" / "train"),
                                                "random_worker": read_metrics(out / "stage1" / "random_worker" / "train")})
+        if cfg.run_stage2:
+            log.info("[6/7] stage 2: GRPO (%d steps) teaches the gate when to reason; adaptive evaluation and sweep",
+                     cfg.stage2.rl.steps)
+            s2 = run_stage2(out / "stage1" / "selected" / "model", root, registry, out / "stage2", cfg.stage2, seed,
+                            cfg.world.hard_fraction, seed, cfg.latency_sample, progress)
+            evals.update(s2["eval"])
+            gate_block, stage2_block = s2["gate"], s2["stage2"]
+            figs.update({"gate_invocation": gate_invocation(s2["eval"]["adaptive"], gate_block),
+                         "gate_curve": gate_curve(gate_block["curve"]),
+                         "rl_curves": rl_curves(stage2_block["reward_during_rl"], stage2_block["invocation_during_rl"])})
         figs["modes_easy_hard"] = modes_easy_hard(evals)
     else:
-        log.info("[5/6] (no stage 1 in this preset)")
-    log.info("[6/6] writing summary and figures")
+        log.info("[5/7] (no stage 1 in this preset)")
+    log.info("[7/7] writing summary and figures")
     if "direct" not in evals:
         evals["direct"] = evals["stage0_direct"]
 
@@ -107,6 +119,7 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
         "eval": evals,
         **({"selection": selection_block} if selection_block else {}),
         **({"stage1": stage1_block} if stage1_block else {}),
+        **({"gate": gate_block, "stage2": stage2_block} if gate_block else {}),
         "backbone": {"arch": backbone.arch, "source": backbone.source, "video_mode": backbone.video_mode,
                      "params": sum(p.numel() for p in backbone.model.parameters())},
         "wall_s": time.time() - t0,

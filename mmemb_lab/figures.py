@@ -219,3 +219,69 @@ def stage1_curves(metrics_by_arm: dict[str, list[dict]]) -> go.Figure:
     fig.update_layout(title="Stage 1 training curves per loss term", xaxis_title="step", yaxis_title="loss",
                       template="plotly_white")
     return fig
+
+
+PAPER_INVOCATION = 0.74
+"""The invocation rate at which the paper reports its best accuracy/latency trade-off (a reference line)."""
+
+
+def gate_invocation(adaptive: dict, gate: dict) -> go.Figure:
+    """Where the gate opens on the evaluation queries: per dataset (easy vs hard items) and per meta-task."""
+    from plotly.subplots import make_subplots
+
+    per = gate["invocation_per_dataset"]
+    names = list(per)
+    metas = adaptive.get("invocation_rate_per_meta_task", {})
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35], subplot_titles=("per dataset", "per meta-task"))
+    for key, label, colour in (("easy", "easy items", EASY), ("hard", "hard items", HARD)):
+        fig.add_bar(x=names, y=[per[n][key] for n in names], name=label, marker_color=colour, row=1, col=1)
+    fig.add_bar(x=list(metas), y=list(metas.values()), name="all items", marker_color="#888888", row=1, col=2)
+    fig.add_hline(y=adaptive["invocation_rate"], line_dash="dot", line_color="#888888", row=1, col=1,
+                  annotation_text=f"overall {adaptive['invocation_rate']:.2f} (threshold {gate['threshold']})")
+    fig.update_yaxes(title_text="invocation rate", range=[0, 1.05])
+    fig.update_layout(title="Where the gate invokes reasoning (evaluation queries)", barmode="group",
+                      legend_orientation="h", template="plotly_white")
+    return fig
+
+
+def gate_curve(curve: list[dict]) -> go.Figure:
+    """Threshold sweep: accuracy against invocation rate and against latency, paper optimum marked."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs invocation rate", "accuracy vs latency"))
+    pts = sorted(curve, key=lambda p: p["invocation_rate"])
+    text = [f"t={p['threshold']}" for p in pts]
+    for key, colour in (("overall", "#888888"), ("easy", EASY), ("hard", HARD)):
+        fig.add_scatter(x=[p["invocation_rate"] for p in pts], y=[p[key] for p in pts], mode="lines+markers",
+                        name=key, text=text, line={"color": colour}, row=1, col=1)
+        fig.add_scatter(x=[p["latency_ms_per_query"] for p in pts], y=[p[key] for p in pts], mode="lines+markers",
+                        name=key, text=text, line={"color": colour}, showlegend=False, row=1, col=2)
+    fig.add_vline(x=PAPER_INVOCATION, line_dash="dash", line_color="black", row=1, col=1,
+                  annotation_text="paper's optimum (~74%)")
+    fig.update_xaxes(title_text="invocation rate", range=[-0.02, 1.02], row=1, col=1)
+    fig.update_xaxes(title_text="latency per query (ms, batch 1)", row=1, col=2)
+    fig.update_yaxes(title_text="score (%)", row=1, col=1)
+    fig.update_layout(title="Adaptive gate: threshold sweep", template="plotly_white")
+    return fig
+
+
+def rl_curves(history: list[dict], invocation: list[dict]) -> go.Figure:
+    """Stage 2: mean reward per step, invocation rate of the sampled completions, and the gate's
+    invocation rate on held-out probe queries (easy / hard) every few steps."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("reward", "invocation rate"))
+    steps = [h["step"] for h in history]
+    fig.add_scatter(x=steps, y=[h.get("reward") for h in history], name="reward (mean)", row=1, col=1)
+    for key in [k for k in (history[0] if history else {}) if k.startswith("rewards/") and k.endswith("/mean")]:
+        fig.add_scatter(x=steps, y=[h.get(key) for h in history], name=key.split("/")[1], row=1, col=1,
+                        line={"dash": "dot"})
+    fig.add_scatter(x=steps, y=[h.get("sampled_invocation_rate") for h in history], name="sampled completions",
+                    line={"color": "#888888"}, row=1, col=2)
+    for key, colour in (("invocation_rate_easy", EASY), ("invocation_rate_hard", HARD)):
+        fig.add_scatter(x=[r["step"] for r in invocation], y=[r.get(key) for r in invocation], mode="lines+markers",
+                        name=f"probe, {key.split('_')[-1]}", line={"color": colour}, row=1, col=2)
+    fig.update_xaxes(title_text="GRPO step")
+    fig.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
+    fig.update_layout(title="Stage 2 (GRPO): reward and invocation", template="plotly_white")
+    return fig

@@ -52,7 +52,7 @@ WORLD_VERSION = "toy-world-v1"
 class FoundationConfig:
     spec: TinySpec = field(default_factory=TinySpec)
     """Sizes of the tiny backbone."""
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=3400, lr=1e-3, warmup=100, ckpt_every=100))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=6000, lr=1e-3, warmup=100, ckpt_every=100))
     """Optimiser and schedule."""
     gen_batch: int = 32
     """Descriptions / single-step QA per step."""
@@ -89,6 +89,19 @@ class FoundationConfig:
     so the language model can find a cell by content rather than through rotary positions)."""
     see_weights: dict = field(default_factory=dict)
     """Skill mix (name -> weight) during the first ``see_steps``; empty = the default mix."""
+    frame_phase: int = 3400
+    """Step from which the frame-index head and the frame-heavy replay mix join (phase 2)."""
+    frame_head_weight: float = 1.0
+    """Weight of the frame-index head (ours): a linear head on the language model's state after layer
+    ``frame_head_layer`` at every image token of a frame sequence predicts which frame the token belongs
+    to. Measured: without it the model, asked to describe frame 1 or 3, often describes frame 2 - it
+    sees each frame but cannot tell them apart (the vision tower sees one frame at a time; only the text
+    marker ``frame k:`` before each block says which is which). The head makes the early layers copy the
+    marker into every token of its block."""
+    frame_head_layer: int = 1
+    """Decoder layer whose output the frame-index head reads (1 = after the first layer)."""
+    frame_replay_weights: dict = field(default_factory=lambda: {"describe_frame": 4.0, "video_event": 2.0})
+    """Skill-mix overrides for the replay batch from ``frame_phase`` on (other skills keep their weight)."""
 
 
 class Stage0(torch.nn.Module):
@@ -100,12 +113,17 @@ class Stage0(torch.nn.Module):
         hidden = backbone.model.config.text_config.hidden_size
         self.head = torch.nn.Linear(hidden, len(TOKEN_CLASSES))
         self.pos_head = torch.nn.Linear(hidden, N_TOKEN_POSITIONS)
+        self.frame_head = torch.nn.Linear(hidden, MAX_FRAMES)
 
     def forward(self, gen: dict, nce: dict | None = None) -> dict:
-        """``gen``: batch, labels, tok_labels, tok_positions; ``nce``: query/positive/negative batches, ids, tau."""
-        lm, aux = lm_loss(None, self.model, gen["batch"], gen["labels"], self.head, gen["tok_labels"],
-                          self.pos_head, gen["tok_positions"])
+        """``gen``: batch, labels, tok_labels, tok_positions, frame_labels (or None), frame_layer;
+        ``nce``: query/positive/negative batches, ids, tau."""
+        lm, aux, frame = lm_loss(None, self.model, gen["batch"], gen["labels"], self.head, gen["tok_labels"],
+                                 self.pos_head, gen["tok_positions"], self.frame_head, gen.get("frame_labels"),
+                                 gen.get("frame_layer", 1))
         out = {"lm": lm, "aux": aux}
+        if frame is not None:
+            out["frame"] = frame
         if nce is not None:
             base = base_model(self.model)
             hq, hp, hn = (base(**b, use_cache=False).last_hidden_state[:, -1] for b in (nce["q"], nce["p"], nce["n"]))
@@ -154,6 +172,17 @@ def world_fingerprint(tokenizer) -> str:
 
 
 N_TOKEN_POSITIONS = 27 + 8  # scene cells 0-8 (storyboard frames: 9 * frame + cell), page tokens 27-34
+MAX_FRAMES = 8  # classes of the frame-index head
+
+
+def frame_labels(backbone: Backbone, batch: dict) -> torch.Tensor:
+    """(b, seq) index of the vision block each image token belongs to, in inputs with several blocks
+    (frame sequences fed as images); -100 elsewhere. Read from the token ids, so it follows the prompt."""
+    ids = batch["input_ids"]
+    block = torch.cumsum((ids == backbone.token_id("<|vision_start|>")).long(), dim=1) - 1
+    pad = ids == backbone.token_id("<|image_pad|>")
+    multi = block.max(dim=1, keepdim=True).values >= 1
+    return torch.where(pad & multi & (block < MAX_FRAMES), block, torch.full_like(block, -100))
 
 
 def token_labels(visual) -> list[int]:
@@ -188,9 +217,11 @@ def answer_labels(backbone: Backbone, batch: dict, answers: list[str]) -> torch.
 
 
 def lm_loss(backbone: Backbone | None, model: torch.nn.Module, batch: dict, labels: torch.Tensor, head=None,
-            tok_labels: list[int] | None = None, pos_head=None,
-            tok_positions: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token loss on labelled positions, and the attribute-head loss on image tokens."""
+            tok_labels: list[int] | None = None, pos_head=None, tok_positions: list[int] | None = None,
+            frame_head=None, frame_targets: torch.Tensor | None = None,
+            frame_layer: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Next-token loss on labelled positions, the attribute-head loss on image tokens, and (when
+    ``frame_targets`` has labels) the frame-index loss on the decoder state after ``frame_layer``."""
     base = base_model(model)
     mm = None
     aux = torch.zeros(())
@@ -204,10 +235,16 @@ def lm_loss(backbone: Backbone | None, model: torch.nn.Module, batch: dict, labe
     kw = {k: v for k, v in batch.items() if k != "pixel_values"}
     if mm is not None:
         kw["mm_encoder_outputs"] = {"image": mm}
-    states = base(**kw, use_cache=False).last_hidden_state
+    want_frames = frame_head is not None and frame_targets is not None and bool((frame_targets >= 0).any())
+    res = base(**kw, use_cache=False, output_hidden_states=want_frames)
+    states = res.last_hidden_state
     logits = model.lm_head(states[:, :-1]) if hasattr(model, "lm_head") else model.get_output_embeddings()(states[:, :-1])
     lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-    return lm, aux
+    frame = None
+    if want_frames:
+        h = res.hidden_states[frame_layer]
+        frame = F.cross_entropy(frame_head(h).reshape(-1, MAX_FRAMES), frame_targets.reshape(-1), ignore_index=-100)
+    return lm, aux, frame
 
 
 def contrastive_batch(cfg: FoundationConfig, seed: int, step: int, n: int):
@@ -262,7 +299,8 @@ def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
 
     def step_fn(step: int, module) -> dict:
         rng = np.random.default_rng([seed, step, distributed.rank(), 0])
-        weights = cfg.see_weights if step < cfg.see_steps else None
+        phase2 = step >= cfg.frame_phase
+        weights = cfg.see_weights if step < cfg.see_steps else (cfg.frame_replay_weights if phase2 else None)
         n_gen = cfg.gen_batch if step < cfg.see_steps else cfg.gen_batch_nce
         skills = [sample_skill(rng, weights) for _ in range(n_gen // world)]
         answers = [s.answer + "<|im_end|>" for s in skills]
@@ -270,7 +308,9 @@ def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
         gen = {"batch": batch, "labels": answer_labels(backbone, batch, answers),
                "tok_labels": [lab for s in skills for lab in token_labels(s.visual)],
                "tok_positions": [p for s in skills for p in token_positions(s.visual, backbone.video_mode)]
-               if cfg.position_head else None}
+               if cfg.position_head else None,
+               "frame_labels": frame_labels(backbone, batch) if phase2 and cfg.frame_head_weight > 0 else None,
+               "frame_layer": cfg.frame_head_layer}
         nce = None
         if step >= cfg.see_steps and cfg.nce_weight > 0:
             qs, ps, ns, ids, nids, answers = contrastive_batch(cfg, seed, step, cfg.nce_batch // world)
@@ -281,6 +321,8 @@ def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
         loss = out["lm"] + cfg.aux_weight * out["aux"] + (cfg.nce_weight * out["nce"] if nce else 0.0)
         if "bow" in out:
             loss = loss + cfg.bow_weight * out["bow"]
+        if "frame" in out:
+            loss = loss + cfg.frame_head_weight * out["frame"]
         return {**{k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}, "loss": loss}
     return step_fn
 
@@ -301,6 +343,7 @@ def train_foundation(out: str | Path, cfg: FoundationConfig = FoundationConfig()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir, padding_side="left")
     backbone = build_tiny(cfg.spec, tokenizer, seed, cfg.video_mode)
     stage = Stage0(backbone)
+    adopt_checkpoint(work / "checkpoint.pt", stage)
     res = run_loop(stage, make_step_fn(backbone, cfg, seed), cfg.loop, work, resume=resume,
                    stop_after=stop_after, desc="stage 0")
     if res.steps_done < cfg.loop.steps or not distributed.is_main():
@@ -312,6 +355,50 @@ def train_foundation(out: str | Path, cfg: FoundationConfig = FoundationConfig()
             "config": asdict(cfg), "description_accuracy": acc, "wall_s": res.wall_s}
     atomic_write_text(out / "foundation.json", json.dumps(meta, indent=1))
     return backbone
+
+
+def _optimizer_order(module: torch.nn.Module) -> list[str]:
+    """Parameter names in the order ``run_loop`` hands them to AdamW (decayed group, then the rest)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    return [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
+
+
+def adopt_checkpoint(ckpt: Path, stage: Stage0) -> bool:
+    """Carry a stage-0 checkpoint written before a head was added over to the current ``Stage0``.
+
+    Weights and AdamW moments of every existing parameter are kept (remapped by name), the new head
+    starts from its initialisation with fresh moments; step and schedule continue. Returns whether the
+    checkpoint was rewritten (atomically). Anything but missing *heads* is an error."""
+    from .train import atomic_torch_save
+
+    if not distributed.is_main() or not ckpt.exists():
+        distributed.barrier()
+        return False
+    state = torch.load(ckpt, weights_only=False)
+    own = stage.state_dict()
+    missing = [k for k in own if k not in state["model"]]
+    if not missing:
+        distributed.barrier()
+        return False
+    if not all(k.split(".")[0] in ("head", "pos_head", "frame_head") for k in missing) or \
+            any(k not in own for k in state["model"]):
+        raise ValueError(f"{ckpt}: not a stage-0 checkpoint of this model (missing {missing[:3]}...)")
+    new_order = _optimizer_order(stage)
+    old_order = [n for n in new_order if n in state["model"]]
+    index = {n: i for i, n in enumerate(new_order)}
+    opt = state["optimizer"]
+    opt["state"] = {index[old_order[int(i)]]: v for i, v in opt["state"].items()}
+    named = dict(stage.named_parameters())
+    decay = [n for n in new_order if named[n].ndim >= 2]
+    opt["param_groups"][0]["params"] = [index[n] for n in decay]
+    opt["param_groups"][1]["params"] = [index[n] for n in new_order if n not in decay]
+    merged = {**own, **state["model"]}
+    state.update(model=merged, optimizer=opt, n_params=sum(named[n].numel() for n in new_order))
+    state.setdefault("adopted", []).append({"step": state["step"], "new": missing})
+    atomic_torch_save(state, ckpt)
+    log.info("%s: carried over to the current stage-0 heads at step %d (new: %s)", ckpt, state["step"], missing)
+    distributed.barrier()
+    return True
 
 
 def load_foundation(path: str | Path) -> tuple[Backbone, dict]:

@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 
 from .finetune import FinetuneConfig
 from .selection import SelectionConfig
+from .rl import RLConfig
 from .stage1 import Stage1Config
+from .stage2 import Stage2Config
 from .train import LoopConfig
 from .world.build import WorldConfig
 
@@ -28,6 +30,10 @@ class RunConfig:
     """Candidate rationales and counterfactual selection after stage 0 (n_per_dataset=0 skips it)."""
     stage1: Stage1Config = field(default_factory=Stage1Config)
     """Stage 1 joint training (steps=0 skips it); the random-worker ablation uses the same settings."""
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    """Stage 2 (GRPO) on the stage-1 model, then the adaptive gate (rl.steps=0 in ``run`` skips it)."""
+    run_stage2: bool = True
+    """Run stage 2 after stage 1."""
     parallel_arms: bool = True
     """Train the ablation arm in a second process at the same time (one thread each)."""
     description_items: int = 100
@@ -54,6 +60,9 @@ def smoke(seed: int = 0) -> RunConfig:
                      FinetuneConfig(loop=LoopConfig(steps=4, lr=2e-4, warmup=1, ckpt_every=2, seed=seed),
                                     batch_size=8), SelectionConfig(n_per_dataset=3, own_max_new_tokens=8),
                      Stage1Config(loop=LoopConfig(steps=2, lr=5e-4, warmup=1, ckpt_every=2, seed=seed), batch_size=4),
+                     Stage2Config(RLConfig(steps=2, prompts_per_step=2, num_generations=2, max_completion_length=8,
+                                           probe_every=1, seed=seed), n_per_dataset=1, probe_per_dataset=1,
+                                  thresholds=(0.1, 0.5, 0.9), max_new_tokens=8),
                      parallel_arms=False, description_items=4, latency_sample=2)
 
 

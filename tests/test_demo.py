@@ -3,7 +3,6 @@
 import json
 
 
-
 def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
     from mmemb_lab.demo import run_demo
 
@@ -28,6 +27,22 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
     st = on_disk["stage1"]
     assert {"rationale_sensitivity", "rationale_step_accuracy", "rationale_answer_accuracy"} <= set(st)
     assert {"rationale_sensitivity", "always"} <= set(st["ablation_random_worker"])
+    ad = on_disk["eval"]["adaptive"]
+    assert {"overall", "easy", "hard", "per_dataset", "latency_ms_per_query", "generated_tokens_per_query",
+            "invocation_rate", "invocation_rate_easy", "invocation_rate_hard", "latency_ms_p50",
+            "latency_ms_p95"} <= set(ad)
+    assert 0 <= ad["invocation_rate"] <= 1 and ad["latency_ms_p50"] <= ad["latency_ms_p95"]
+    gate = on_disk["gate"]
+    assert {"precision_vs_needs_reasoning", "recall_vs_needs_reasoning", "latency_ms_not_invoked", "curve"} <= set(gate)
+    rates = [p["invocation_rate"] for p in gate["curve"]]  # decreasing thresholds: non-decreasing invocation
+    assert len(rates) == 3 and rates == sorted(rates)
+    assert len(on_disk["stage2"]["reward_during_rl"]) == 2  # the smoke preset's GRPO steps
+    for name in ("gate_curve", "gate_invocation", "rl_curves", "modes_easy_hard"):
+        assert (tmp_path / "run" / "figures" / f"{name}.html").exists(), name
+    # a rerun reuses every finished step (world, stage 1, the RL model) and rewrites the same summary shape
+    again = run_demo(seed=3, out=tmp_path / "run", preset="smoke", world_dir=tmp_path / "world", progress=False,
+                     foundation=tiny_foundation)
+    assert again["stage2"]["reward_during_rl"] == on_disk["stage2"]["reward_during_rl"]
     assert (tmp_path / "run" / "figures" / "direct_easy_vs_hard.html").exists()
     assert (tmp_path / "figures" / "direct_easy_vs_hard.html").exists()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["preset"] == "smoke"

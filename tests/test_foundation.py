@@ -71,3 +71,60 @@ def test_stage0_step_trains_head_and_backbone(backbone):
     assert st.head.weight.grad is not None and st.head.weight.grad.abs().sum() > 0
     assert backbone.model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
     backbone.model.zero_grad()
+
+
+def test_frame_labels_number_each_frames_tokens(backbone):
+    from mmemb_lab.data import to_pil
+    from mmemb_lab.embed import Input, collate
+    from mmemb_lab.foundation import frame_labels
+    from mmemb_lab.world.scenes import random_video
+
+    rng = np.random.default_rng(0)
+    video, scene = random_video(rng), random_scene(rng)
+    batch = collate(backbone, [Input("describe frame 2.", to_pil(video)), Input("what is here?", to_pil(scene))])
+    lab = frame_labels(backbone, batch)
+    pad = batch["input_ids"] == backbone.token_id("<|image_pad|>")
+    assert lab[0][pad[0]].tolist() == [0] * 9 + [1] * 9 + [2] * 9  # one merged token per cell, 3 frames
+    assert (lab[0][~pad[0]] == -100).all() and (lab[1] == -100).all()  # a single image has no frame index
+
+
+def test_phase_two_adds_the_frame_loss(backbone):
+    from mmemb_lab.foundation import FoundationConfig, make_step_fn
+
+    st = Stage0(backbone)
+    cfg = FoundationConfig(gen_batch=4, gen_batch_nce=12, nce_batch=2, see_steps=0, frame_phase=0,
+                           frame_replay_weights={"describe_frame": 1000.0})
+    out = make_step_fn(backbone, cfg, 0)(0, st)
+    out["loss"].backward()
+    assert "frame" in out and st.frame_head.weight.grad.abs().sum() > 0
+    backbone.model.zero_grad()
+
+
+def test_a_checkpoint_from_before_a_new_head_is_carried_over(make_backbone, tmp_path):
+    """Weights and optimiser moments of old parameters survive; the new head starts fresh; resume works."""
+    from mmemb_lab.foundation import adopt_checkpoint
+    from mmemb_lab.train import LoopConfig, run_loop
+
+    backbone = make_backbone(seed=1)  # trained below: not the shared fixture
+    old = Stage0(backbone)
+    del old.frame_head
+
+    def step_fn(step, m):
+        return {"loss": sum((p.float() ** 2).mean() for p in m.parameters())}
+
+    cfg = LoopConfig(steps=3, lr=1e-3, warmup=1, ckpt_every=1)
+    run_loop(old, step_fn, LoopConfig(steps=2, lr=1e-3, warmup=1, ckpt_every=1), tmp_path, desc="old")
+    moments = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
+    before = {k: v.clone() for k, v in old.state_dict().items()}
+    new = Stage0(backbone)
+    assert adopt_checkpoint(tmp_path / "checkpoint.pt", new)
+    assert not adopt_checkpoint(tmp_path / "checkpoint.pt", new)  # idempotent
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(state["model"][k], v) for k, v in before.items())
+    assert len(state["optimizer"]["state"]) == len(moments)
+    order = [n for n, p in new.named_parameters() if p.ndim >= 2] + [n for n, p in new.named_parameters() if p.ndim < 2]
+    old_order = [n for n in order if not n.startswith("frame_head")]
+    for i, name in enumerate(old_order):  # every moment sits at its parameter's new index
+        assert torch.equal(state["optimizer"]["state"][order.index(name)]["exp_avg"], moments[i]["exp_avg"])
+    res = run_loop(new, step_fn, cfg, tmp_path, desc="new")
+    assert res.resumed_from == 2 and res.steps_done == 3

@@ -1,0 +1,192 @@
+"""Stage 2 in the main job: GRPO on the stage-1 model, then the adaptive gate measured against direct and always.
+
+Concept (method.md, steps 4-5)
+    ``mmemb_lab.rl`` teaches the first assistant token to choose between ``<think>`` and ``<|emb|>``;
+    ``mmemb_lab.gate`` reads that choice from the same prefill that gives the direct embedding. This
+    module runs the two on a trained stage-1 model and measures what a user of the gate cares about:
+
+    - ``eval.adaptive``: the usual scores, plus how often the gate opens (overall, easy, hard, per
+      meta-task), tokens generated and latency per query (mean, p50, p95);
+    - ``gate``: precision / recall of the openings against the world's ``needs_reasoning`` and against
+      the oracle's choice (reason exactly where the model's own rationale beats its direct embedding),
+      the cost of a query on which the gate stays shut, and the threshold sweep (``gate.sweep``).
+
+    Latency is measured on one machine state for every mode: the same sampled queries are timed one at a
+    time, interleaved, as direct, always and adaptive, on the model after RL. So the ratios in ``gate``
+    ("does a shut gate cost what the direct path costs?", "does cost follow invocation?") do not mix
+    processes or thread counts.
+
+Used by: the demo (step 6), notebook 05.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .backbone import Backbone, load_backbone
+from .embed import embed
+from .evaluate import EvalResult, evaluate
+from .gate import AdaptiveEncoder, gate_forward, gate_precision_recall, sweep
+from .inference import ReasoningEncoder
+from .rl import RLConfig, read_rl_run, toy_rl_pairs, train_rl
+from .train import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    rl: RLConfig = field(default_factory=lambda: RLConfig(steps=30, lr=3e-4, prompts_per_step=8, num_generations=6,
+                                                           max_completion_length=64, temperature=0.8, probe_every=5))
+    """GRPO settings (``mmemb_lab.rl.RLConfig``; ours: a rollout temperature below 1 because the tiny
+    model's rationales sampled at 1.0 rarely close their span within the budget)."""
+    n_per_dataset: int = 24
+    """RL training queries per toy dataset (``train`` split, after the rows stage 1 used)."""
+    probe_per_dataset: int = 8
+    """Held-out training-split queries per dataset on which the invocation rate is tracked during RL."""
+    threshold: float = 0.5
+    """The gate's threshold on p_open for ``eval.adaptive``."""
+    thresholds: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98)
+    """The sweep's thresholds (``gate.curve``)."""
+    max_new_tokens: int = 64
+    """Generation budget of a rationale at inference."""
+    train_offset: int = 5000
+    """First ``train``-split index of the RL queries (stage 1 trained on indices below ``n_train``)."""
+
+
+def reference_latency(backbone: Backbone, inputs: list, adaptive: AdaptiveEncoder,
+                      max_new_tokens: int = 64) -> dict:
+    """Time each input alone as direct, always and adaptive, interleaved (after one warm-up of each)."""
+    always = ReasoningEncoder(backbone, max_new_tokens)
+    modes = {"direct": lambda x: embed(backbone, [x]), "always": lambda x: always([x]),
+             "adaptive": lambda x: adaptive([x])}
+    for f in modes.values():
+        f(inputs[0])
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    invoked = []
+    for x in inputs:
+        for k, f in modes.items():
+            t = time.perf_counter()
+            f(x)
+            times[k].append(1000 * (time.perf_counter() - t))
+        invoked.append(adaptive.invoked[-1])
+    a = np.array(times["adaptive"])
+    inv = np.array(invoked)
+    return {"n": len(inputs), "direct_ms": float(np.mean(times["direct"])), "always_ms": float(np.mean(times["always"])),
+            "adaptive_ms": float(a.mean()), "adaptive_p50_ms": float(np.percentile(a, 50)),
+            "adaptive_p95_ms": float(np.percentile(a, 95)), "invoked_share": float(inv.mean()),
+            "not_invoked_ms": float(a[~inv].mean()) if (~inv).any() else None,
+            "direct_ms_on_not_invoked": float(np.mean(np.array(times["direct"])[~inv])) if (~inv).any() else None}
+
+
+def gate_block(backbone: Backbone, world_root, registry: dict, direct: EvalResult, always: EvalResult,
+               threshold: float) -> tuple[dict, dict]:
+    """Per-query openings on every evaluation set; precision / recall against ``needs_reasoning`` and the
+    oracle's choice; invocation rates per dataset, meta-task, easy and hard."""
+    from .data import load_eval
+
+    inv_all, need_all, oracle_all = [], [], []
+    per_dataset, per_meta = {}, {}
+    for name, info in registry.items():
+        es = load_eval(world_root, name, info.eval_type)
+        if not es.queries:
+            continue
+        p = gate_forward(backbone, [q.query for q in es.queries]).p_open.numpy()
+        inv = p > threshold
+        need = np.array([bool(q.needs_reasoning) for q in es.queries])
+        oracle = always.per_dataset[name].per_query > direct.per_dataset[name].per_query
+        inv_all.append(inv), need_all.append(need), oracle_all.append(oracle)
+        per_dataset[name] = {"invocation_rate": float(inv.mean()),
+                             "easy": float(inv[~need].mean()) if (~need).any() else None,
+                             "hard": float(inv[need].mean()) if need.any() else None,
+                             "mean_p_open": float(p.mean())}
+        per_meta.setdefault(f"{info.modality}/{info.meta_task}", []).append(inv.mean())
+    inv, need, oracle = map(np.concatenate, (inv_all, need_all, oracle_all))
+    pn, rn = gate_precision_recall(inv, need)
+    po, ro = gate_precision_recall(inv, oracle)
+    rates = {"invocation_rate": float(inv.mean()),
+             "invocation_rate_easy": float(inv[~need].mean()) if (~need).any() else None,
+             "invocation_rate_hard": float(inv[need].mean()) if need.any() else None,
+             "invocation_rate_per_meta_task": {k: float(np.mean(v)) for k, v in per_meta.items()}}
+    gate = {"threshold": threshold, "precision_vs_needs_reasoning": pn, "recall_vs_needs_reasoning": rn,
+            "precision_vs_oracle": po, "recall_vs_oracle": ro, "oracle_reason_rate": float(oracle.mean()),
+            "invocation_per_dataset": per_dataset}
+    return rates, gate
+
+
+def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: str | Path, cfg: Stage2Config,
+               world_seed: int, hard_fraction: float, seed: int = 0, latency_sample: int = 8,
+               progress: bool = True) -> dict:
+    """GRPO from the stage-1 model (skipped when ``out_dir/model`` exists: a killed run resumes after it),
+    then every measurement of ``eval.adaptive`` and ``gate``. Returns {"eval": {...}, "gate": {...},
+    "stage2": {...}}; writes ``stage2.json`` under ``out_dir``."""
+    out = Path(out_dir)
+    model_dir = out / "model"
+    if (model_dir / "mmemb_backbone.json").exists():
+        log.info("stage 2: reusing the RL model in %s", model_dir)
+        backbone = load_backbone(model_dir)
+        rl_wall = json.loads((out / "rl_done.json").read_text())["wall_s"]
+    else:
+        backbone = load_backbone(stage1_model)
+        pairs = toy_rl_pairs(world_seed, hard_fraction, cfg.n_per_dataset, start=cfg.train_offset, seed=seed)
+        probe = toy_rl_pairs(world_seed, hard_fraction, cfg.probe_per_dataset,
+                             start=cfg.train_offset + cfg.n_per_dataset, seed=seed)
+        res = train_rl(backbone, pairs, replace(cfg.rl, seed=seed), out / "rl", probe=probe, progress=progress)
+        backbone.save(model_dir)
+        rl_wall = res.wall_s
+        atomic_write_text(out / "rl_done.json", json.dumps({"wall_s": rl_wall, "steps": res.steps_done}))
+    history, invocation = read_rl_run(out / "rl")
+
+    kw = dict(out_dir=out / "eval", latency_sample=1, progress=progress)
+    direct = evaluate(backbone, world_root, registry, "direct", **kw)
+    always_enc = ReasoningEncoder(backbone, cfg.max_new_tokens)
+    always = evaluate(backbone, world_root, registry, "always", encoder=always_enc, **kw)
+    enc = AdaptiveEncoder(backbone, cfg.threshold, cfg.max_new_tokens)
+    adaptive = evaluate(backbone, world_root, registry, "adaptive", encoder=enc, **kw)
+    rates, gate = gate_block(backbone, world_root, registry, direct, always, cfg.threshold)
+
+    from .data import load_eval
+
+    sample = []
+    for name, info in registry.items():
+        sample += [q.query for q in load_eval(world_root, name, info.eval_type).queries[:latency_sample]]
+    lat = reference_latency(backbone, sample, AdaptiveEncoder(backbone, cfg.threshold, cfg.max_new_tokens),
+                            cfg.max_new_tokens)
+    points = sweep(backbone, world_root, registry, cfg.thresholds, cfg.max_new_tokens,
+                   latency_sample=latency_sample, progress=progress)
+    adaptive_summary = adaptive.summary() | rates | {
+        "latency_ms_per_query": lat["adaptive_ms"], "latency_ms_p50": lat["adaptive_p50_ms"],
+        "latency_ms_p95": lat["adaptive_p95_ms"], "threshold": cfg.threshold}
+    gate.update({"latency_ms_not_invoked": lat["not_invoked_ms"], "latency": lat,
+                 "curve": [{"threshold": p.threshold, "invocation_rate": p.invocation_rate,
+                            "invocation_rate_easy": p.invocation_rate_easy,
+                            "invocation_rate_hard": p.invocation_rate_hard, "overall": p.overall, "easy": p.easy,
+                            "hard": p.hard, "latency_ms_per_query": p.latency_ms_per_query,
+                            "generated_tokens_per_query": p.generated_tokens_per_query} for p in points]})
+    result = {
+        "eval": {"adaptive": adaptive_summary},
+        "gate": gate,
+        "stage2": {"rl": asdict(cfg.rl) | {"n_queries": cfg.n_per_dataset * len(registry)}, "rl_wall_s": rl_wall,
+                   "after_rl": {"direct": _short(direct), "always": _short(always) | {"unclosed_spans": always_enc.unclosed}},
+                   "invocation_during_rl": invocation,
+                   "reward_during_rl": [{k: h.get(k) for k in ("step", "reward", "reward_std")} | _reward_terms(h)
+                                        for h in history]},
+    }
+    atomic_write_text(out / "stage2.json", json.dumps(result, indent=1))
+    return result
+
+
+def _short(e: EvalResult) -> dict:
+    s = e.summary()
+    return {k: s[k] for k in ("overall", "easy", "hard", "per_dataset", "generated_tokens_per_query")}
+
+
+def _reward_terms(h: dict) -> dict:
+    return {k: v for k, v in h.items() if k.startswith("rewards/") or k in ("completions/mean_length",
+                                                                             "sampled_invocation_rate")}
