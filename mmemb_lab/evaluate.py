@@ -157,6 +157,19 @@ def evaluate(backbone: Backbone, world_root: str | Path, registry: dict[str, Dat
                       1000 * batched / max(1, nq), {"generated_tokens_per_query": gen_tokens / max(1, nq)})
 
 
+def eval_result(mode: str, per: dict[str, DatasetScore], registry: dict[str, DatasetInfo], latency_ms: float,
+                batched_ms: float, extra: dict | None = None) -> EvalResult:
+    """An ``EvalResult`` from per-dataset scores computed elsewhere (oracle, gate sweeps)."""
+    agg = aggregate({k: v.score for k, v in per.items()}, {k: registry[k] for k in per})
+
+    def split(hard: bool) -> float | None:
+        vals = [v.split(hard) for v in per.values() if v.split(hard) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return EvalResult(mode, per, agg.overall, split(False), split(True), dict(agg.per_modality),
+                      dict(agg.per_meta_task), latency_ms, batched_ms, dict(extra or {}))
+
+
 def combine_oracle(direct: EvalResult, always: EvalResult, registry: dict[str, DatasetInfo]) -> EvalResult:
     """Per query, the better of direct and always (ties go to direct): an upper bound for any gate.
 

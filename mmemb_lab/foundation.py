@@ -351,8 +351,12 @@ def train_foundation(out: str | Path, cfg: FoundationConfig = FoundationConfig()
     backbone.save(out)
     (out / "training_log.jsonl").write_text((work / "metrics.jsonl").read_text())
     acc = description_accuracy(backbone, seed=seed + 1000, n=100)
+    previous = json.loads((out / "foundation.json").read_text()) if (out / "foundation.json").exists() else {}
+    history = previous.get("history", []) if res.resumed_from else []
+    history.append(f"steps {res.resumed_from}-{res.steps_done} under the {cfg.loop.steps}-step schedule "
+                   f"({res.wall_s:.0f} s wall, {max(1, distributed.world_size())} process(es))")
     meta = {"world_version": WORLD_VERSION, "fingerprint": world_fingerprint(tokenizer), "seed": seed,
-            "config": asdict(cfg), "description_accuracy": acc, "wall_s": res.wall_s}
+            "config": asdict(cfg), "description_accuracy": acc, "wall_s": res.wall_s, "history": history}
     atomic_write_text(out / "foundation.json", json.dumps(meta, indent=1))
     return backbone
 

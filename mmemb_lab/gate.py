@@ -181,59 +181,78 @@ class SweepPoint:
 
 
 @dataclass
-class _DatasetGate:
+class DatasetGate:
+    """One evaluation set after :func:`gate_pass`: every query's gate score, direct and reasoned embedding."""
+
     es: object
     c_emb: torch.Tensor
     direct: torch.Tensor
-    reasoned: torch.Tensor  # rows valid where p > min threshold
+    reasoned: torch.Tensor
+    """Rows valid where ``p`` exceeds the pass's smallest threshold (elsewhere: the direct embedding)."""
     p: np.ndarray
     tokens: np.ndarray
     hard: np.ndarray
     metric: str
 
+    def score(self, use: np.ndarray):
+        """``evaluate.DatasetScore`` when the queries in ``use`` reason and the others embed directly."""
+        from .evaluate import score_set
 
-def sweep(backbone: Backbone, world_root, registry: dict, thresholds: Sequence[float], max_new_tokens: int = 64,
-          batch_size: int = 32, latency_sample: int = 8, progress: bool = False) -> list[SweepPoint]:
-    """Accuracy, invocation rate and latency for every threshold, from ONE pass over the evaluation sets.
+        q = torch.where(torch.as_tensor(use)[:, None], self.reasoned, self.direct)
+        return score_set(self.es, q, self.c_emb, self.metric)
 
-    Each query's gate score, direct embedding and (where it exceeds the smallest threshold) reasoned
-    embedding are computed once; each threshold then picks per query. Latency: on the first
-    ``latency_sample`` queries of each dataset, the gate prefill and the reasoning (generation +
-    re-embedding) are timed separately at batch size 1; a threshold's latency is the mean of
-    gate + [p_open > threshold] * reasoning over those queries. Points come back in decreasing threshold
-    order, hence non-decreasing invocation rate (and latency) by construction.
-    """
+
+@dataclass(frozen=True)
+class GatePass:
+    """Everything a threshold needs, computed once: per-dataset gates and per-query batch-1 timings."""
+
+    per: dict[str, DatasetGate]
+    lat_gate: np.ndarray
+    """Gate prefill alone (ms), per sampled query."""
+    lat_reason: np.ndarray
+    """Generation + re-embedding (ms), per sampled query."""
+    lat_p: np.ndarray
+    """The sampled queries' gate scores."""
+    batched_ms: dict
+    """Batched wall time per query (ms): "gate" (the prefill) and "reason" (per reasoned query)."""
+
+
+def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: float, max_new_tokens: int = 64,
+              batch_size: int = 32, latency_sample: int = 8, progress: bool = False) -> GatePass:
+    """ONE pass over the evaluation sets: gate prefill for every query, a rationale and re-embedding for
+    every query whose p_open exceeds ``min_threshold`` (all of them when it is below 0), and batch-1
+    timings of the gate and of the reasoning on the first ``latency_sample`` queries of each set."""
     from tqdm.auto import tqdm
 
     from .data import load_eval
-    from .evaluate import score_set
-    from .metrics import aggregate
 
-    ths = sorted({float(t) for t in thresholds}, reverse=True)
-    if not ths:
-        raise ValueError("no thresholds")
-    lo = ths[-1]
-    per: dict[str, _DatasetGate] = {}
+    per: dict[str, DatasetGate] = {}
     lat_gate, lat_reason, lat_p = [], [], []
-    for name, info in tqdm(registry.items(), desc="gate sweep", disable=not progress):
+    t_gate, t_reason, n_q, n_r = 0.0, 0.0, 0, 0
+    for name, info in tqdm(registry.items(), desc="gate pass", disable=not progress):
         es = load_eval(world_root, name, info.eval_type)
         if not es.queries:
             continue
         inputs = [q.query for q in es.queries]
         c_emb = embed(backbone, list(es.candidates.values()), batch_size=batch_size)
+        t0 = time.perf_counter()
         g = gate_forward(backbone, inputs, batch_size)
+        t_gate += time.perf_counter() - t0
         p = g.p_open.numpy().astype(float)
         reasoned = g.direct.clone()
         tokens = np.zeros(len(inputs))
-        idx = [i for i in range(len(inputs)) if p[i] > lo]
+        idx = [i for i in range(len(inputs)) if p[i] > min_threshold]
         if idx:
             sub = [inputs[i] for i in idx]
+            t0 = time.perf_counter()
             gen = generate_rationales(backbone, sub, max_new_tokens, batch_size)
             reasoned[idx] = embed(backbone, [replace(x, rationale=t) for x, t in zip(sub, gen.texts)],
                                   batch_size=batch_size)
+            t_reason += time.perf_counter() - t0
             tokens[idx] = gen.n_tokens
+        n_q, n_r = n_q + len(inputs), n_r + len(idx)
         hard = np.array([bool(q.needs_reasoning) for q in es.queries])
-        per[name] = _DatasetGate(es, c_emb, g.direct, reasoned, p, tokens, hard, info.metric)
+        per[name] = DatasetGate(es, c_emb, g.direct, reasoned, p, tokens, hard, info.metric)
         for i, x in enumerate(inputs[:latency_sample]):
             t0 = time.perf_counter()
             gate_forward(backbone, [x])
@@ -246,15 +265,22 @@ def sweep(backbone: Backbone, world_root, registry: dict, thresholds: Sequence[f
             lat_p.append(p[i])
     if not per:
         raise ValueError(f"no evaluation queries under {world_root}")
-    lat_gate_a, lat_reason_a, lat_p_a = map(np.asarray, (lat_gate, lat_reason, lat_p))
+    return GatePass(per, np.asarray(lat_gate), np.asarray(lat_reason), np.asarray(lat_p),
+                    {"gate": 1000 * t_gate / max(1, n_q), "reason": 1000 * t_reason / max(1, n_r)})
+
+
+def sweep_points(gp: GatePass, registry: dict, thresholds: Sequence[float]) -> list[SweepPoint]:
+    """Every threshold's point from one :class:`GatePass`, in decreasing threshold order (so with
+    non-decreasing invocation rate and latency, by construction)."""
+    from .metrics import aggregate
+
     points = []
-    for t in ths:
+    for t in sorted({float(t) for t in thresholds}, reverse=True):
         scores, easy, hard, n_inv, n_all, toks = {}, [], [], 0, 0, 0.0
         inv_easy, inv_hard = [], []
-        for name, dg in per.items():
+        for name, dg in gp.per.items():
             use = dg.p > t
-            q = torch.where(torch.as_tensor(use)[:, None], dg.reasoned, dg.direct)
-            ds = score_set(dg.es, q, dg.c_emb, dg.metric)
+            ds = dg.score(use)
             scores[name] = ds.score
             for split, out in ((False, easy), (True, hard)):
                 v = ds.split(split)
@@ -266,10 +292,28 @@ def sweep(backbone: Backbone, world_root, registry: dict, thresholds: Sequence[f
             inv_easy += list(use[~dg.hard])
             inv_hard += list(use[dg.hard])
         agg = aggregate(scores, {k: registry[k] for k in scores})
-        lat = float(np.mean(lat_gate_a + (lat_p_a > t) * lat_reason_a)) if len(lat_gate_a) else float("nan")
+        lat = float(np.mean(gp.lat_gate + (gp.lat_p > t) * gp.lat_reason)) if len(gp.lat_gate) else float("nan")
         points.append(SweepPoint(
             t, n_inv / n_all, float(np.mean(inv_easy)) if inv_easy else None,
             float(np.mean(inv_hard)) if inv_hard else None, agg.overall,
             float(np.mean(easy)) if easy else None, float(np.mean(hard)) if hard else None,
             dict(agg.per_meta_task), lat, toks / n_all))
     return points
+
+
+def sweep(backbone: Backbone, world_root, registry: dict, thresholds: Sequence[float], max_new_tokens: int = 64,
+          batch_size: int = 32, latency_sample: int = 8, progress: bool = False) -> list[SweepPoint]:
+    """Accuracy, invocation rate and latency for every threshold, from ONE pass over the evaluation sets.
+
+    Each query's gate score, direct embedding and (where it exceeds the smallest threshold) reasoned
+    embedding are computed once (:func:`gate_pass`); each threshold then picks per query
+    (:func:`sweep_points`). Latency: on the first ``latency_sample`` queries of each dataset, the gate
+    prefill and the reasoning (generation + re-embedding) are timed separately at batch size 1; a
+    threshold's latency is the mean of gate + [p_open > threshold] * reasoning over those queries.
+    Points come back in decreasing threshold order, hence non-decreasing invocation rate (and latency).
+    """
+    ths = [float(t) for t in thresholds]
+    if not ths:
+        raise ValueError("no thresholds")
+    gp = gate_pass(backbone, world_root, registry, min(ths), max_new_tokens, batch_size, latency_sample, progress)
+    return sweep_points(gp, registry, ths)

@@ -31,8 +31,8 @@ import numpy as np
 
 from .backbone import Backbone, load_backbone
 from .embed import embed
-from .evaluate import EvalResult, evaluate
-from .gate import AdaptiveEncoder, gate_forward, gate_precision_recall, sweep
+from .evaluate import EvalResult, eval_result
+from .gate import AdaptiveEncoder, GatePass, gate_pass, gate_precision_recall, sweep_points
 from .inference import ReasoningEncoder
 from .rl import RLConfig, read_rl_run, toy_rl_pairs, train_rl
 from .train import atomic_write_text
@@ -85,39 +85,48 @@ def reference_latency(backbone: Backbone, inputs: list, adaptive: AdaptiveEncode
             "direct_ms_on_not_invoked": float(np.mean(np.array(times["direct"])[~inv])) if (~inv).any() else None}
 
 
-def gate_block(backbone: Backbone, world_root, registry: dict, direct: EvalResult, always: EvalResult,
-               threshold: float) -> tuple[dict, dict]:
+def gate_block(gp: GatePass, registry: dict, threshold: float) -> tuple[dict, dict]:
     """Per-query openings on every evaluation set; precision / recall against ``needs_reasoning`` and the
-    oracle's choice; invocation rates per dataset, meta-task, easy and hard."""
-    from .data import load_eval
-
+    oracle's choice (reasoning strictly better than the direct embedding for that query); invocation
+    rates per dataset, meta-task, easy and hard."""
     inv_all, need_all, oracle_all = [], [], []
     per_dataset, per_meta = {}, {}
-    for name, info in registry.items():
-        es = load_eval(world_root, name, info.eval_type)
-        if not es.queries:
-            continue
-        p = gate_forward(backbone, [q.query for q in es.queries]).p_open.numpy()
-        inv = p > threshold
-        need = np.array([bool(q.needs_reasoning) for q in es.queries])
-        oracle = always.per_dataset[name].per_query > direct.per_dataset[name].per_query
+    for name, dg in gp.per.items():
+        info = registry[name]
+        inv, need = dg.p > threshold, dg.hard
+        oracle = dg.score(np.ones(len(dg.p), bool)).per_query > dg.score(np.zeros(len(dg.p), bool)).per_query
         inv_all.append(inv), need_all.append(need), oracle_all.append(oracle)
         per_dataset[name] = {"invocation_rate": float(inv.mean()),
                              "easy": float(inv[~need].mean()) if (~need).any() else None,
                              "hard": float(inv[need].mean()) if need.any() else None,
-                             "mean_p_open": float(p.mean())}
-        per_meta.setdefault(f"{info.modality}/{info.meta_task}", []).append(inv.mean())
+                             "mean_p_open": float(dg.p.mean())}
+        per_meta.setdefault(f"{info.modality}/{info.meta_task}", []).append(inv)
     inv, need, oracle = map(np.concatenate, (inv_all, need_all, oracle_all))
     pn, rn = gate_precision_recall(inv, need)
     po, ro = gate_precision_recall(inv, oracle)
     rates = {"invocation_rate": float(inv.mean()),
              "invocation_rate_easy": float(inv[~need].mean()) if (~need).any() else None,
              "invocation_rate_hard": float(inv[need].mean()) if need.any() else None,
-             "invocation_rate_per_meta_task": {k: float(np.mean(v)) for k, v in per_meta.items()}}
+             "invocation_rate_per_meta_task": {k: float(np.concatenate(v).mean()) for k, v in per_meta.items()}}
     gate = {"threshold": threshold, "precision_vs_needs_reasoning": pn, "recall_vs_needs_reasoning": rn,
             "precision_vs_oracle": po, "recall_vs_oracle": ro, "oracle_reason_rate": float(oracle.mean()),
             "invocation_per_dataset": per_dataset}
     return rates, gate
+
+
+def mode_results(gp: GatePass, registry: dict, threshold: float, lat: dict) -> dict[str, EvalResult]:
+    """direct / always / adaptive scores from one gate pass (the pass reasoned for every query)."""
+    out = {}
+    for mode, pick, ms in (("direct", lambda dg: np.zeros(len(dg.p), bool), lat["direct_ms"]),
+                           ("always", lambda dg: np.ones(len(dg.p), bool), lat["always_ms"]),
+                           ("adaptive", lambda dg: dg.p > threshold, lat["adaptive_ms"])):
+        per = {name: dg.score(pick(dg)) for name, dg in gp.per.items()}
+        n = sum(len(dg.p) for dg in gp.per.values())
+        tokens = sum(float(dg.tokens[pick(dg)].sum()) for dg in gp.per.values()) / n
+        share = sum(int(pick(dg).sum()) for dg in gp.per.values()) / n
+        batched = gp.batched_ms["gate"] + share * gp.batched_ms["reason"]
+        out[mode] = eval_result(mode, per, registry, ms, batched, {"generated_tokens_per_query": tokens})
+    return out
 
 
 def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: str | Path, cfg: Stage2Config,
@@ -125,10 +134,16 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
                progress: bool = True) -> dict:
     """GRPO from the stage-1 model (skipped when ``out_dir/model`` exists: a killed run resumes after it),
     then every measurement of ``eval.adaptive`` and ``gate``. Returns {"eval": {...}, "gate": {...},
-    "stage2": {...}}; writes ``stage2.json`` under ``out_dir``."""
+    "stage2": {...}}; writes ``stage2.json`` under ``out_dir``.
+
+    One gate pass reasons for every evaluation query, so direct, always, adaptive and every threshold of
+    the sweep are scored from the same embeddings; latency is timed separately at batch size 1."""
+    from .data import load_eval
+    from .evaluate import write_dataset_files
+
     out = Path(out_dir)
     model_dir = out / "model"
-    if (model_dir / "mmemb_backbone.json").exists():
+    if (model_dir / "mmemb_backbone.json").exists() and (out / "rl_done.json").exists():
         log.info("stage 2: reusing the RL model in %s", model_dir)
         backbone = load_backbone(model_dir)
         rl_wall = json.loads((out / "rl_done.json").read_text())["wall_s"]
@@ -143,37 +158,27 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
         atomic_write_text(out / "rl_done.json", json.dumps({"wall_s": rl_wall, "steps": res.steps_done}))
     history, invocation = read_rl_run(out / "rl")
 
-    kw = dict(out_dir=out / "eval", latency_sample=1, progress=progress)
-    direct = evaluate(backbone, world_root, registry, "direct", **kw)
-    always_enc = ReasoningEncoder(backbone, cfg.max_new_tokens)
-    always = evaluate(backbone, world_root, registry, "always", encoder=always_enc, **kw)
-    enc = AdaptiveEncoder(backbone, cfg.threshold, cfg.max_new_tokens)
-    adaptive = evaluate(backbone, world_root, registry, "adaptive", encoder=enc, **kw)
-    rates, gate = gate_block(backbone, world_root, registry, direct, always, cfg.threshold)
-
-    from .data import load_eval
-
+    gp = gate_pass(backbone, world_root, registry, -1.0, cfg.max_new_tokens, latency_sample=latency_sample,
+                   progress=progress)
     sample = []
     for name, info in registry.items():
         sample += [q.query for q in load_eval(world_root, name, info.eval_type).queries[:latency_sample]]
     lat = reference_latency(backbone, sample, AdaptiveEncoder(backbone, cfg.threshold, cfg.max_new_tokens),
                             cfg.max_new_tokens)
-    points = sweep(backbone, world_root, registry, cfg.thresholds, cfg.max_new_tokens,
-                   latency_sample=latency_sample, progress=progress)
-    adaptive_summary = adaptive.summary() | rates | {
-        "latency_ms_per_query": lat["adaptive_ms"], "latency_ms_p50": lat["adaptive_p50_ms"],
-        "latency_ms_p95": lat["adaptive_p95_ms"], "threshold": cfg.threshold}
+    modes = mode_results(gp, registry, cfg.threshold, lat)
+    for name, ds in modes["adaptive"].per_dataset.items():
+        write_dataset_files(out / "eval" / "adaptive", ds, gp.per[name].es)
+    rates, gate = gate_block(gp, registry, cfg.threshold)
+    points = sweep_points(gp, registry, cfg.thresholds)
+    adaptive_summary = modes["adaptive"].summary() | rates | {
+        "latency_ms_p50": lat["adaptive_p50_ms"], "latency_ms_p95": lat["adaptive_p95_ms"], "threshold": cfg.threshold}
     gate.update({"latency_ms_not_invoked": lat["not_invoked_ms"], "latency": lat,
-                 "curve": [{"threshold": p.threshold, "invocation_rate": p.invocation_rate,
-                            "invocation_rate_easy": p.invocation_rate_easy,
-                            "invocation_rate_hard": p.invocation_rate_hard, "overall": p.overall, "easy": p.easy,
-                            "hard": p.hard, "latency_ms_per_query": p.latency_ms_per_query,
-                            "generated_tokens_per_query": p.generated_tokens_per_query} for p in points]})
+                 "curve": [{k: v for k, v in p.summary().items() if k != "per_meta_task"} for p in points]})
     result = {
         "eval": {"adaptive": adaptive_summary},
         "gate": gate,
         "stage2": {"rl": asdict(cfg.rl) | {"n_queries": cfg.n_per_dataset * len(registry)}, "rl_wall_s": rl_wall,
-                   "after_rl": {"direct": _short(direct), "always": _short(always) | {"unclosed_spans": always_enc.unclosed}},
+                   "after_rl": {"direct": _short(modes["direct"]), "always": _short(modes["always"])},
                    "invocation_during_rl": invocation,
                    "reward_during_rl": [{k: h.get(k) for k in ("step", "reward", "reward_std")} | _reward_terms(h)
                                         for h in history]},
@@ -184,7 +189,8 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
 
 def _short(e: EvalResult) -> dict:
     s = e.summary()
-    return {k: s[k] for k in ("overall", "easy", "hard", "per_dataset", "generated_tokens_per_query")}
+    return {k: s[k] for k in ("overall", "easy", "hard", "per_dataset", "latency_ms_per_query",
+                              "generated_tokens_per_query")}
 
 
 def _reward_terms(h: dict) -> dict:

@@ -110,3 +110,29 @@ def test_sweep_is_monotone_and_its_ends_are_direct_and_always(backbone, small_wo
                       progress=False)
     assert np.isclose(points[-1].overall, always.overall)
     assert set(points[2].summary()) >= {"threshold", "invocation_rate", "overall", "latency_ms_per_query"}
+
+
+def test_stage2_modes_from_one_pass_equal_the_encoders(backbone, small_world, monkeypatch):
+    """direct / always / adaptive scored from one gate pass equal evaluate() with the real encoders, and the
+    gate block's precision / recall follow from the per-query openings."""
+    from mmemb_lab.evaluate import evaluate
+    from mmemb_lab.stage2 import gate_block, mode_results
+    from mmemb_lab.world.build import toy_registry
+
+    root, info = small_world
+    reg = {k: v for k, v in toy_registry(info).items() if k in ("toy_qa", "toy_doc")}
+    gp = gate.gate_pass(backbone, root, reg, -1.0, max_new_tokens=4, latency_sample=1)
+    th = float(np.median(np.concatenate([dg.p for dg in gp.per.values()])))  # opens about half of the queries
+    lat = {"direct_ms": 1.0, "always_ms": 2.0, "adaptive_ms": 1.5}
+    modes = mode_results(gp, reg, th, lat)
+    enc = {"direct": None, "always": ReasoningEncoder(backbone, 4), "adaptive": AdaptiveEncoder(backbone, th, 4)}
+    for mode, e in enc.items():
+        ref = evaluate(backbone, root, reg, mode, encoder=e, latency_sample=1, progress=False)
+        for name in reg:
+            assert np.allclose(modes[mode].per_dataset[name].per_query, ref.per_dataset[name].per_query), (mode, name)
+    rates, g = gate_block(gp, reg, th)
+    inv = np.concatenate([dg.p > th for dg in gp.per.values()])
+    need = np.concatenate([dg.hard for dg in gp.per.values()])
+    assert 0 < rates["invocation_rate"] < 1 and rates["invocation_rate"] == inv.mean()
+    assert g["precision_vs_needs_reasoning"] == (inv & need).sum() / inv.sum()
+    assert g["recall_vs_needs_reasoning"] == (inv & need).sum() / need.sum()
