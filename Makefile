@@ -1,5 +1,5 @@
 # mmemb-lab: one entry point for the CPU workbench.
-#   make demo   SEED=0 OUT=runs/demo   toy world -> stage-0 foundation -> short contrastive stage -> eval
+#   make demo   SEED=0 OUT=runs/demo   toy world -> stage-0 foundation -> selection -> stage 1 -> stage 2 -> eval
 #   make test                          every test, notebooks included, under the tiny preset
 # The venv is built from requirements-cpu.txt, which pins torch==2.13.0 (CPU) next to everything that
 # depends on it, so pip never resolves a CUDA build. Never add torchvision to this venv.
@@ -34,7 +34,8 @@ test: $(MARKER)
 bench: $(MARKER)
 	$(OFFLINE) $(VPY) -m mmemb_lab bench --out runs/bench
 
-# Retrains the committed stage-0 foundation model in data/foundation: two 1-thread processes (gloo) use
+# Retrains the committed stage-0 foundation model in data/foundation (6000 steps, ~90 min on 2 cores;
+# resumes from data/foundation.work): two 1-thread processes (gloo) use
 # 2 cores better than one 2-thread process; the same code runs on N GPUs under torchrun/accelerate.
 foundation: $(MARKER)
 	$(OFFLINE) OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 -m mmemb_lab foundation --out data/foundation

@@ -18,9 +18,9 @@ Concept
       direct path writes one token, ``<|emb|>``) and optionally per invocation. Reasoning must beat
       its price: R > 0 only where delta > cost.
     - **format** (:func:`format_reward`, <= 0): a completion that opens ``<think>`` must close it with
-      ``</think>`` followed by exactly ``<|emb|>``; a direct completion is exactly ``<|emb|>``. Anything
-      else (never-closed span, nested span, text before the decision, text after ``</think>``) pays a
-      penalty.
+      ``</think>`` (optionally followed by exactly ``<|emb|>``: rollouts stop at ``</think>``, as inference
+      does); a direct completion is exactly ``<|emb|>``. Anything else (never-closed span, nested span,
+      text before the decision, text after ``</think>``) pays a penalty.
 
     So: direct -> 0; reasoning that helps -> delta - cost (> 0 when it helps enough); reasoning that
     hurts -> delta - cost < 0; an empty span -> -cost (no content, no credit); a span that never
@@ -124,7 +124,10 @@ class ParsedCompletion:
 
 
 def parse_completion(ids: Sequence[int], tokens: SpanTokens) -> ParsedCompletion:
-    """Classify a completion (the sampled ids after the prompt, up to and including <|emb|> if any)."""
+    """Classify a completion (the sampled ids after the prompt, up to and including <|emb|> if any).
+
+    A span may end at ``</think>`` itself: stage-2 rollouts stop there, as inference does
+    (``inference.generate_rationales``), and ``<|emb|>`` is appended when the rationale is embedded."""
     ids = [int(i) for i in ids]
     invoked = bool(ids) and ids[0] == tokens.think
     ends_emb = bool(ids) and ids[-1] == tokens.emb
@@ -139,7 +142,7 @@ def parse_completion(ids: Sequence[int], tokens: SpanTokens) -> ParsedCompletion
         return ParsedCompletion(UNCLOSED, tuple(inner), extra, True)
     c = body.index(tokens.close)
     inner, tail = body[:c], body[c + 1:]
-    if tokens.think in inner or tokens.emb in inner or tail != [tokens.emb]:
+    if tokens.think in inner or tokens.emb in inner or tail not in ([], [tokens.emb]):
         return ParsedCompletion(MALFORMED, tuple(inner), extra, True)
     return ParsedCompletion(REASON if inner else EMPTY, tuple(inner), extra, True)
 

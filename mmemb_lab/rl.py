@@ -55,7 +55,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .backbone import EMB_TOKEN, THINK_OPEN, Backbone
+from .backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN, Backbone
 from .embed import Input, storyboard
 from .rewards import PairTargets, RewardConfig, reward_functions
 
@@ -330,8 +330,9 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     callback = _probe_callback(backbone, list(probe) if probe is not None else pairs[:64], cfg, records)
     owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft wrapper
     saved_gen = copy.deepcopy(owner.generation_config)
-    # A completion ends at <|emb|> (the embedding token) or at <|im_end|>; trl reads the ids from here.
-    owner.generation_config.eos_token_id = [emb, backbone.tokenizer.eos_token_id]
+    # A completion ends at <|emb|> (direct), at </think> (the span is closed: as at inference, <|emb|> is
+    # appended when the rationale is embedded) or at <|im_end|>; trl reads the ids from here.
+    owner.generation_config.eos_token_id = [emb, backbone.token_id(THINK_CLOSE), backbone.tokenizer.eos_token_id]
     was_training = model.training
     t0 = time.time()
     try:

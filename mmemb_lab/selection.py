@@ -202,6 +202,19 @@ def score_pairs(evaluator: Backbone | Callable[[list[Input]], torch.Tensor], pai
                      lpd, lpw, lps, csd, csw, css, partner)
 
 
+def score_candidate(evaluator: Backbone, pair: Pair, rationale: str, swap: str | None,
+                    temperature: float = 0.05) -> tuple[float, float | None]:
+    """(removal gain, swap gain) of ONE candidate, computed on its own: the reference that
+    :func:`score_pairs` batches. Embeds the direct query, the query with ``rationale``, the query with
+    ``swap`` (a rationale written for another query) and the pair's targets in one call of its own,
+    sharing nothing with other candidates. Used by ``make bench`` (throughput baseline) and the tests."""
+    q = [item_query(pair.item), item_query(pair.item, rationale)] + ([item_query(pair.item, swap)] if swap else [])
+    e = embed(evaluator, q + [pair.positive] + list(pair.negatives), batch_size=len(q) + 1 + len(pair.negatives))
+    qe, pos, neg = e[:len(q)], e[len(q)], e[len(q) + 1:]
+    lp = log_prob_positive(qe, pos.expand_as(qe), neg.unsqueeze(0).expand(len(qe), -1, -1), temperature).tolist()
+    return lp[1] - lp[0], (lp[1] - lp[2]) if swap else None
+
+
 def _target_key(x: Input) -> str:
     """Identity of a target: text, or the image's bytes digest (the same object crop is one target)."""
     if x.visual is None:

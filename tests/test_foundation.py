@@ -22,10 +22,7 @@ def test_committed_foundation_matches_world_and_tokenizer():
     backbone, meta = load_foundation(foundation_dir())
     assert meta["fingerprint"] == world_fingerprint(backbone.tokenizer)
     acc = meta["description_accuracy"]  # measured at training time on 100 held-out scenes, videos, pages
-    assert min(acc[k] for k in ("occupancy", "colour", "shape", "page_letter", "page_digit")) >= 0.95, acc
-    # Frames are read at 0.86-0.91 (below the 0.95 the issue asks for; see the closing note): a regression
-    # guard, not the acceptance line.
-    assert min(acc[k] for k in ("frame_occupancy", "frame_colour", "frame_shape")) >= 0.85, acc
+    assert min(acc.values()) >= 0.95, acc  # every cell, frame and page attribute
     size = sum(p.stat().st_size for p in foundation_dir().iterdir())
     assert size <= 20 * 2 ** 20
 
@@ -35,7 +32,7 @@ def test_committed_foundation_sees_fresh_items():
     backbone, _ = load_foundation(foundation_dir())
     acc = description_accuracy(backbone, seed=4242, n=10)
     assert min(acc[k] for k in ("occupancy", "colour", "shape", "page_letter", "page_digit")) >= 0.9, acc
-    assert min(acc[k] for k in ("frame_occupancy", "frame_colour", "frame_shape")) >= 0.7, acc
+    assert min(acc[k] for k in ("frame_occupancy", "frame_colour", "frame_shape")) >= 0.85, acc
 
 
 def test_description_scoring_is_exact():

@@ -43,7 +43,8 @@ def test_parse_every_shape(tokenizer, tk):
     assert parse_completion(r + [tk.emb], tk).kind == "malformed"  # text instead of a decision
     assert parse_completion([tk.think, *r, tk.think, tk.close, tk.emb], tk).kind == "malformed"  # nested
     assert parse_completion([tk.think, *r, tk.close, *r, tk.emb], tk).kind == "malformed"  # text after </think>
-    assert parse_completion([tk.think, *r, tk.close], tk).kind == "malformed"  # no <|emb|>
+    stopped = parse_completion([tk.think, *r, tk.close], tk)  # rollouts stop at </think>, like inference
+    assert (stopped.kind, stopped.extra_tokens, stopped.rationale_ids) == ("reason", len(r) + 2, tuple(r))
     assert parse_completion([tokenizer.eos_token_id], tk).kind == "malformed"
     assert parse_completion([], tk).kind == "malformed"
 
