@@ -50,7 +50,7 @@ def tiny(seed: int = 0) -> RunConfig:
     return RunConfig("tiny", WorldConfig(seed=seed, n_train=256, n_eval=100),
                      FinetuneConfig(loop=LoopConfig(steps=100, lr=2e-4, warmup=10, ckpt_every=25, seed=seed)),
                      SelectionConfig(n_per_dataset=64),
-                     Stage1Config(loop=LoopConfig(steps=160, lr=5e-4, warmup=20, ckpt_every=40, seed=seed),
+                     Stage1Config(loop=LoopConfig(steps=160, lr=2e-4, warmup=20, ckpt_every=40, seed=seed),
                                   hard_negatives=2), latency_sample=8)
 
 

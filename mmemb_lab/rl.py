@@ -26,6 +26,13 @@ Where our GRPO departs from textbook GRPO (DeepSeekMath) - and from the paper's 
       ``<think>`` and ``<|emb|>`` may be drawn (``begin_suppress_tokens``). Every completion is then a
       real choice between the two paths; the loss still uses the unconstrained log-probability, so
       the gradient moves p(<think>) against p(<|emb|>) and the rest of the vocabulary.
+    - **Decision exploration** (ours, ``decision_exploration``): the first token is sampled from
+      (1 - eps) p + eps uniform over the two decisions (:class:`DecisionExploration`). GRPO only learns the
+      decision from groups that contain both choices; a stage-1 model that opens with p = 0.995 yields
+      groups that all reason, and the decision never moves. The loss uses the policy's own log-probability,
+      so this gradient is slightly off-policy on that one token.
+    - **Rollouts stop at ``</think>``**, as inference does: ``<|emb|>`` is appended when the rationale is
+      embedded, so the policy is never trained (or penalised) on what it writes after closing the span.
     - **Loss aggregation**: trl's default ``loss_type="dapo"`` (token losses averaged over all active
       tokens of the batch) instead of the per-sequence mean, which would favour short completions with
       positive advantage and long ones with negative advantage. Configurable.
@@ -214,6 +221,10 @@ class RLConfig:
     """Advantage scaling: "group" (textbook GRPO), "batch" or "none" (Dr. GRPO)."""
     constrain_decision: bool = True
     """Sample only <think> or <|emb|> as the first token (see module docstring)."""
+    decision_exploration: float = 0.0
+    """Exploration on the decision (ours): the first token is sampled from (1 - eps) * p + eps * uniform over
+    {<think>, <|emb|>}. A stage-1 model that almost always opens (p_open 0.99) otherwise samples whole groups
+    that all reason; their advantages sum to zero on the shared first token and the gate cannot learn."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward constants (``mmemb_lab.rewards``)."""
     probe_every: int = 10
@@ -232,6 +243,8 @@ class RLConfig:
     def __post_init__(self):
         if self.steps < 1 or self.lr <= 0 or self.prompts_per_step < 1 or self.num_generations < 2:
             raise ValueError(f"invalid RL config: steps, lr, prompts_per_step >= 1, num_generations >= 2 ({self})")
+        if not 0 <= self.decision_exploration <= 1:
+            raise ValueError("decision_exploration must be in [0, 1]")
         if self.max_completion_length < 1 or self.probe_every < 1:
             raise ValueError("max_completion_length and probe_every must be >= 1")
         if self.scale_rewards not in ("group", "batch", "none"):
@@ -333,6 +346,9 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     # A completion ends at <|emb|> (direct), at </think> (the span is closed: as at inference, <|emb|> is
     # appended when the rationale is embedded) or at <|im_end|>; trl reads the ids from here.
     owner.generation_config.eos_token_id = [emb, backbone.token_id(THINK_CLOSE), backbone.tokenizer.eos_token_id]
+    saved_generate = owner.__dict__.get("generate")
+    if cfg.decision_exploration > 0:
+        owner.generate = _with_processor(owner.generate, DecisionExploration(think, emb, cfg.decision_exploration))
     was_training = model.training
     t0 = time.time()
     try:
@@ -345,6 +361,10 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
         history = [_clean(h) for h in trainer.state.log_history if "reward" in h]
     finally:
         owner.generation_config = saved_gen
+        if saved_generate is None:
+            owner.__dict__.pop("generate", None)
+        else:
+            owner.generate = saved_generate
         model.train(was_training)
     wall = time.time() - t0
     atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
@@ -352,6 +372,42 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     log.info("stage 2: %d GRPO steps in %.0f s; invocation rate %s -> %s", steps, wall,
              records[0]["invocation_rate"] if records else None, records[-1]["invocation_rate"] if records else None)
     return RLResult(history, records, steps, wall)
+
+
+class DecisionExploration:
+    """Logits processor: at the first generated position, mix the two decisions' probabilities with a
+    uniform choice (``eps``); every other token is untouched. Deviation: the policy-gradient loss still uses
+    the policy's own log-probability of the sampled decision, so the decision's gradient is slightly
+    off-policy (towards exploring the rarer choice), the usual price of epsilon-greedy exploration."""
+
+    def __init__(self, think: int, emb: int, eps: float):
+        if not 0 < eps <= 1:
+            raise ValueError("decision_exploration must be in (0, 1]")
+        self.think, self.emb, self.eps, self.start = think, emb, eps, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        if input_ids.shape[1] != self.start:
+            return scores
+        two = torch.log_softmax(scores[:, [self.think, self.emb]].float(), dim=-1).exp()
+        mixed = (1 - self.eps) * two + self.eps / 2
+        out = torch.full_like(scores, float("-inf"))
+        out[:, self.think], out[:, self.emb] = mixed[:, 0].log().to(scores.dtype), mixed[:, 1].log().to(scores.dtype)
+        return out
+
+
+def _with_processor(generate, processor: DecisionExploration):
+    """``generate`` with ``processor`` added (reset per call: its first position is the call's)."""
+    from transformers import LogitsProcessorList
+
+    def wrapped(*args, **kwargs):
+        processor.start = None
+        extra = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        extra.append(processor)
+        return generate(*args, logits_processor=extra, **kwargs)
+
+    return wrapped
 
 
 def _clean(h: dict) -> dict:

@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage1Config:
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=300, lr=5e-4, warmup=20, ckpt_every=50))
-    """Optimiser and schedule."""
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=300, lr=2e-4, warmup=20, ckpt_every=50))
+    """Optimiser and schedule. Measured on the tiny preset (seed 0, 160 steps): lr 5e-4 cost the direct path
+    7.9 points of easy accuracy against stage 0, 2e-4 cost 1.7 with the same always-mode scores."""
     batch_size: int = 32
     """Pairs per step (global)."""
     temperature: float = 0.05
@@ -277,6 +278,8 @@ def run_arm(foundation: str, world_root: str, registry_info: dict, selection_dir
     t0 = time.time()
     res = train_stage1(backbone, data, out / "train", cfg, seed=seed)
     train_wall = time.time() - t0
+    if res.resumed_from >= res.steps_done and (out / "arm.json").exists():  # already trained: report that run's time
+        train_wall = json.loads((out / "arm.json").read_text()).get("train_wall_s", train_wall)
     registry = toy_registry(registry_info)
     enc = ReasoningEncoder(backbone, max_new_tokens)
     always = evaluate(backbone, world_root, registry, "always", encoder=enc, out_dir=out / "eval",

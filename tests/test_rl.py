@@ -130,3 +130,16 @@ def test_too_few_prompts_is_an_error(backbone, tmp_path):
     with pytest.raises(ValueError, match="prompts per step"):
         train_rl(backbone, pairs, RLConfig(prompts_per_step=2), tmp_path,
                  reward_funcs=reward_functions(backbone, pairs))
+
+
+def test_decision_exploration_mixes_only_the_first_token():
+    from mmemb_lab.rl import DecisionExploration
+
+    proc = DecisionExploration(think=1, emb=2, eps=0.5)
+    scores = torch.tensor([[0.0, 10.0, -10.0, 3.0]])  # p(think | two) ~ 1
+    first = proc(torch.zeros(1, 5, dtype=torch.long), scores.clone())
+    p = first.softmax(-1)[0]
+    assert torch.isclose(p[1] + p[2], torch.tensor(1.0)) and p[0] == 0 and p[3] == 0  # only the two decisions
+    assert torch.isclose(p[2], torch.tensor(0.25), atol=1e-4)  # (1 - eps) * ~0 + eps / 2
+    later = proc(torch.zeros(1, 6, dtype=torch.long), scores.clone())
+    assert torch.equal(later, scores)  # every later position untouched
