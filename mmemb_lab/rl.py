@@ -33,6 +33,11 @@ Where our GRPO departs from textbook GRPO (DeepSeekMath) - and from the paper's 
       so this gradient is slightly off-policy on that one token.
     - **Rollouts stop at ``</think>``**, as inference does: ``<|emb|>`` is appended when the rationale is
       embedded, so the policy is never trained (or penalised) on what it writes after closing the span.
+    - **What is trained** (``train``): "all" updates the whole model, as textbook GRPO would; "decision"
+      (ours) updates only the ``<think>`` row of the tied output embedding, a linear gate on the state at
+      the assistant start. Measured on the tiny preset: 40 steps of "all" lowered the direct path by 3.7 /
+      6.7 points (seeds 0 / 1) while the rationales did not improve; "decision" cannot touch the direct
+      embedding (the ``<think>`` row only enters inputs that reason).
     - **Loss aggregation**: trl's default ``loss_type="dapo"`` (token losses averaged over all active
       tokens of the batch) instead of the per-sequence mean, which would favour short completions with
       positive advantage and long ones with negative advantage. Configurable.
@@ -225,6 +230,11 @@ class RLConfig:
     """Exploration on the decision (ours): the first token is sampled from (1 - eps) * p + eps * uniform over
     {<think>, <|emb|>}. A stage-1 model that almost always opens (p_open 0.99) otherwise samples whole groups
     that all reason; their advantages sum to zero on the shared first token and the gate cannot learn."""
+    train: str = "all"
+    """What GRPO updates: "all" (every trainable weight: the decision, the rationales and, through shared
+    weights, the embedding) or "decision" (ours: only the ``<think>`` row of the tied output embedding, i.e.
+    a linear gate on the state at the assistant start; the embedder and the rationale writer stay as stage 1
+    left them)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward constants (``mmemb_lab.rewards``)."""
     probe_every: int = 10
@@ -243,6 +253,8 @@ class RLConfig:
     def __post_init__(self):
         if self.steps < 1 or self.lr <= 0 or self.prompts_per_step < 1 or self.num_generations < 2:
             raise ValueError(f"invalid RL config: steps, lr, prompts_per_step >= 1, num_generations >= 2 ({self})")
+        if self.train not in ("all", "decision"):
+            raise ValueError(f"unknown train={self.train!r}: 'all' or 'decision'")
         if not 0 <= self.decision_exploration <= 1:
             raise ValueError("decision_exploration must be in [0, 1]")
         if self.max_completion_length < 1 or self.probe_every < 1:
@@ -350,6 +362,7 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     if cfg.decision_exploration > 0:
         owner.generate = _with_processor(owner.generate, DecisionExploration(think, emb, cfg.decision_exploration))
     was_training = model.training
+    restore = _decision_only(model, think) if cfg.train == "decision" else None
     t0 = time.time()
     try:
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args,
@@ -361,6 +374,8 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
         history = [_clean(h) for h in trainer.state.log_history if "reward" in h]
     finally:
         owner.generation_config = saved_gen
+        if restore is not None:
+            restore()
         if saved_generate is None:
             owner.__dict__.pop("generate", None)
         else:
@@ -372,6 +387,25 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     log.info("stage 2: %d GRPO steps in %.0f s; invocation rate %s -> %s", steps, wall,
              records[0]["invocation_rate"] if records else None, records[-1]["invocation_rate"] if records else None)
     return RLResult(history, records, steps, wall)
+
+
+def _decision_only(model: torch.nn.Module, think: int):
+    """Freeze every weight but the ``<think>`` row of the output embedding; returns a function that undoes it."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    w = model.get_output_embeddings().weight
+    w.requires_grad_(True)
+    mask = torch.zeros_like(w)
+    mask[think] = 1.0
+    handle = w.register_hook(lambda g: g * mask)
+
+    def restore() -> None:
+        handle.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+    return restore
 
 
 class DecisionExploration:

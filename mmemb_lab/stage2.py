@@ -42,14 +42,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage2Config:
-    rl: RLConfig = field(default_factory=lambda: RLConfig(steps=40, lr=1e-4, prompts_per_step=8, num_generations=6,
+    rl: RLConfig = field(default_factory=lambda: RLConfig(steps=40, lr=1e-2, prompts_per_step=8, num_generations=6,
                                                            max_completion_length=64, temperature=0.8, probe_every=5,
-                                                           decision_exploration=0.5))
+                                                           decision_exploration=0.5, train="decision"))
     """GRPO settings (``mmemb_lab.rl.RLConfig``; ours). Measured on seed-0 stage-1 models (40 steps unless
-    said): temperature 0.8 moved the gate where 1.0 barely did (30 steps: mean p_open 0.97 -> 0.34 vs 0.66);
-    lr 3e-4 cost the direct path 10 points overall, 1e-4 1-4, 5e-5 2 but left the gate open (p_open 0.63);
-    a stage-1 model that opens with p 0.995 did not move at all without decision exploration (0.995 ->
-    0.993) and closed with eps 0.5 (-> 0.016)."""
+    said). With train="all": temperature 0.8 moved the gate where 1.0 barely did (30 steps: mean p_open
+    0.97 -> 0.34 vs 0.66); lr 3e-4 cost the direct path 10 points overall, 1e-4 1-4, 5e-5 2 but left the
+    gate open (p_open 0.63); a stage-1 model that opens with p 0.995 did not move without decision
+    exploration (0.995 -> 0.993) and closed with eps 0.5 (-> 0.016). With train="decision" (the default
+    here: the direct path cannot change): lr 1e-3 -> p_open 0.22 after 40 steps, 1e-2 -> 0.08 after 5."""
     n_per_dataset: int = 24
     """RL training queries per toy dataset (``train`` split, after the rows stage 1 used)."""
     probe_per_dataset: int = 8

@@ -78,10 +78,10 @@ def one_thread():
     yield
 
 
-def _run(bb, tmp_path, reward_funcs=None, reward=RewardConfig(), steps=4):
+def _run(bb, tmp_path, reward_funcs=None, reward=RewardConfig(), steps=4, **kw):
     pairs = toy_rl_pairs(0, 0.5, 1, datasets=["toy_qa", "toy_t2i", "toy_cls", "toy_doc"])
     cfg = RLConfig(steps=steps, lr=3e-2, prompts_per_step=2, num_generations=4, max_completion_length=6,
-                   probe_every=2, reward=reward)
+                   probe_every=2, reward=reward, **kw)
     before = probe_invocation(bb, [p.query for p in pairs])["mean_p_open"]
     res = train_rl(bb, pairs, cfg, tmp_path, reward_funcs=reward_funcs)
     after = probe_invocation(bb, [p.query for p in pairs])["mean_p_open"]
@@ -116,6 +116,34 @@ def test_grpo_raises_invocation_when_the_reward_pays_for_opening(make_backbone, 
     res, before, after = _run(bb, tmp_path, reward_funcs=[pays_for_opening])
     assert after > before + 0.1, (before, after)
     assert np.mean([h["reward"] for h in res.history[-2:]]) >= np.mean([h["reward"] for h in res.history[:1]])
+
+
+def test_decision_only_grpo_moves_the_gate_and_nothing_else(make_backbone, tmp_path, one_thread):
+    """train="decision": the gate still learns what the reward favours, every other weight (and so every
+    direct embedding) is bit-identical, and the model's trainable flags come back."""
+    from mmemb_lab.embed import embed
+
+    bb = make_backbone(seed=13)
+    tk = SpanTokens.of(bb.tokenizer)
+    probe = [p.query for p in toy_rl_pairs(0, 0.5, 1, datasets=["toy_qa", "toy_doc"])]
+    direct_before = embed(bb, probe)
+    weights = {n: p.detach().clone() for n, p in bb.model.named_parameters()}
+
+    def pays_for_opening(prompts, completions, completion_ids, **kw):
+        return [1.0 if parse_completion(ids, tk).invoked else 0.0 for ids in completion_ids]
+
+    _, before, after = _run(bb, tmp_path, reward_funcs=[pays_for_opening], train="decision",
+                            decision_exploration=0.5)
+    assert after > before + 0.1, (before, after)
+    out = bb.model.get_output_embeddings().weight
+    for n, p in bb.model.named_parameters():
+        if p is out:
+            changed = (p != weights[n]).any(dim=1).nonzero().flatten().tolist()
+            assert changed == [tk.think], changed
+        else:
+            assert torch.equal(p, weights[n]), n
+    assert torch.equal(embed(bb, probe), direct_before)
+    assert all(p.requires_grad for p in bb.model.parameters())
 
 
 def test_config_validation():
