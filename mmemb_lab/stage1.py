@@ -244,12 +244,36 @@ def _chunked_step(backbone, module, cfg, queries, targets_text, target_inputs, n
             "nce_direct": float(nce_d.loss.detach()), "acc_reasoned": nce_r.accuracy, "acc_direct": nce_d.accuracy}
 
 
+def _check_resumable(out: Path, data: list[tuple[Item, str | None]], cfg: Stage1Config, seed: int) -> None:
+    """A checkpoint in ``out`` may only be resumed by the run that wrote it: same pairs, rationales, config.
+
+    Writes ``run.json`` (a digest of the training set and config) next to the checkpoint; a later call with
+    other data (a new selection, another ablation) raises instead of silently continuing the old run."""
+    import hashlib
+
+    from dataclasses import asdict
+
+    from .train import atomic_write_text
+
+    h = hashlib.sha256(json.dumps([[it.item_id, r] for it, r in data]).encode())
+    h.update(json.dumps(asdict(cfg), sort_keys=True, default=str).encode() + str(seed).encode())
+    digest = h.hexdigest()[:16]
+    stamp = out / "run.json"
+    if stamp.exists() and json.loads(stamp.read_text())["digest"] != digest:
+        raise ValueError(f"{out} holds a stage-1 run on other pairs, rationales or settings; delete it (or "
+                         "choose another output folder) to train this one")
+    if not stamp.exists() and (out / "checkpoint.pt").exists():
+        log.warning("%s: checkpoint without run.json (an older run); resuming it as is", out)
+    atomic_write_text(stamp, json.dumps({"digest": digest, "pairs": len(data)}))
+
+
 def train_stage1(backbone: Backbone, data: list[tuple[Item, str | None]], out_dir: str | Path,
                  cfg: Stage1Config = Stage1Config(), seed: int = 0, resume: bool = True,
                  stop_after: int | None = None) -> LoopResult:
     """Run (or resume) stage 1; the backbone's weights are updated in place."""
     log.info("stage 1 (%s rationales): %d pairs, %d with reasoning", cfg.rationales, len(data),
              sum(r is not None for _, r in data))
+    _check_resumable(Path(out_dir), data, cfg, seed)
     return run_loop(Stage1Model(backbone.model), make_step_fn(backbone, data, cfg, seed), cfg.loop, out_dir,
                     resume=resume, stop_after=stop_after, desc=f"stage 1 ({cfg.rationales})")
 

@@ -148,11 +148,15 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
 
     out = Path(out_dir)
     model_dir = out / "model"
-    if (model_dir / "mmemb_backbone.json").exists() and (out / "rl_done.json").exists():
+    source = _source_digest(Path(stage1_model), cfg, world_seed, hard_fraction, seed)
+    done = json.loads((out / "rl_done.json").read_text()) if (out / "rl_done.json").exists() else {}
+    if (model_dir / "mmemb_backbone.json").exists() and done.get("source") == source:
         log.info("stage 2: reusing the RL model in %s", model_dir)
         backbone = load_backbone(model_dir)
-        rl_wall = json.loads((out / "rl_done.json").read_text())["wall_s"]
+        rl_wall = done["wall_s"]
     else:
+        if done:
+            log.warning("stage 2: %s was trained from another stage-1 model or config; training again", model_dir)
         backbone = load_backbone(stage1_model)
         pairs = toy_rl_pairs(world_seed, hard_fraction, cfg.n_per_dataset, start=cfg.train_offset, seed=seed)
         probe = toy_rl_pairs(world_seed, hard_fraction, cfg.probe_per_dataset,
@@ -160,7 +164,8 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
         res = train_rl(backbone, pairs, replace(cfg.rl, seed=seed), out / "rl", probe=probe, progress=progress)
         backbone.save(model_dir)
         rl_wall = res.wall_s
-        atomic_write_text(out / "rl_done.json", json.dumps({"wall_s": rl_wall, "steps": res.steps_done}))
+        atomic_write_text(out / "rl_done.json", json.dumps({"wall_s": rl_wall, "steps": res.steps_done,
+                                                             "source": source}))
     history, invocation = read_rl_run(out / "rl")
 
     gp = gate_pass(backbone, world_root, registry, -1.0, cfg.max_new_tokens, latency_sample=latency_sample,
@@ -190,6 +195,17 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
     }
     atomic_write_text(out / "stage2.json", json.dumps(result, indent=1))
     return result
+
+
+def _source_digest(stage1_model: Path, cfg: Stage2Config, world_seed: int, hard_fraction: float, seed: int) -> str:
+    """What an RL model was trained from: the stage-1 weights, the stage-2 config and the data seeds."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(stage1_model.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    h.update(json.dumps([asdict(cfg), world_seed, hard_fraction, seed], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 def _short(e: EvalResult) -> dict:

@@ -79,3 +79,19 @@ def test_chunked_stage1_step_matches_unchunked(make_backbone):
     worst = max((ref[n] - got[n]).abs().max().item() for n in ref)
     assert worst < 1e-5, worst
     bb.model.zero_grad()
+
+
+def test_a_stage1_checkpoint_is_resumed_only_by_the_run_that_wrote_it(make_backbone, tmp_path):
+    import pytest
+
+    from mmemb_lab.stage1 import train_stage1
+    from mmemb_lab.train import LoopConfig
+
+    bb = make_backbone(seed=5)
+    data = [(make_item(n, 0, "train", i, 0.5), None) for n in ("toy_qa", "toy_cls") for i in range(2)]
+    cfg = Stage1Config(loop=LoopConfig(steps=2, lr=1e-4, warmup=1, ckpt_every=1), batch_size=2)
+    train_stage1(bb, data, tmp_path, cfg, stop_after=1)
+    assert train_stage1(bb, data, tmp_path, cfg).resumed_from == 1  # the same run resumes
+    other = [(data[0][0], "so it is."), *data[1:]]  # a different rationale: another run
+    with pytest.raises(ValueError, match="other pairs"):
+        train_stage1(bb, other, tmp_path, cfg)
