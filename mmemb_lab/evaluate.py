@@ -145,21 +145,14 @@ def evaluate(backbone: Backbone, world_root: str | Path, registry: dict[str, Dat
         per[name] = score_set(es, q_emb, c_emb, info.metric)
         if out_dir is not None:
             write_dataset_files(Path(out_dir) / mode, per[name], es)
-    agg = aggregate({k: v.score for k, v in per.items()}, {k: registry[k] for k in per})
-
-    def split(hard: bool) -> float | None:
-        vals = [v.split(hard) for v in per.values()]
-        vals = [v for v in vals if v is not None]
-        return float(np.mean(vals)) if vals else None
-
-    return EvalResult(mode, per, agg.overall, split(False), split(True), dict(agg.per_modality),
-                      dict(agg.per_meta_task), float(np.mean(lat)) if lat else float("nan"),
-                      1000 * batched / max(1, nq), {"generated_tokens_per_query": gen_tokens / max(1, nq)})
+    return eval_result(mode, per, registry, float(np.mean(lat)) if lat else float("nan"), 1000 * batched / max(1, nq),
+                       {"generated_tokens_per_query": gen_tokens / max(1, nq)})
 
 
 def eval_result(mode: str, per: dict[str, DatasetScore], registry: dict[str, DatasetInfo], latency_ms: float,
                 batched_ms: float, extra: dict | None = None) -> EvalResult:
-    """An ``EvalResult`` from per-dataset scores computed elsewhere (oracle, gate sweeps)."""
+    """An ``EvalResult`` from per-dataset scores: aggregates by MMEB-V2 rules, easy / hard as unweighted
+    means over the datasets that have such items (``evaluate``, the oracle, the gate pass)."""
     agg = aggregate({k: v.score for k, v in per.items()}, {k: registry[k] for k in per})
 
     def split(hard: bool) -> float | None:
@@ -183,18 +176,11 @@ def combine_oracle(direct: EvalResult, always: EvalResult, registry: dict[str, D
         pq = np.where(use, a.per_query, d.per_query)
         top1 = [ta if u else td for u, ta, td in zip(use, a.top1, d.top1)]
         per[name] = DatasetScore(name, d.metric, 100 * float(pq.mean()), pq, d.needs_reasoning, top1, {}, d.skipped)
-    agg = aggregate({k: v.score for k, v in per.items()}, {k: registry[k] for k in per})
     share = float(np.mean(np.concatenate(reason_share))) if reason_share else 0.0
-
-    def split(hard: bool) -> float | None:
-        vals = [v.split(hard) for v in per.values() if v.split(hard) is not None]
-        return float(np.mean(vals)) if vals else None
-
     lat = direct.latency_ms_per_query + share * (always.latency_ms_per_query - direct.latency_ms_per_query)
     bat = direct.batched_ms_per_query + share * (always.batched_ms_per_query - direct.batched_ms_per_query)
     tok = share * always.extra.get("generated_tokens_per_query", 0.0)
-    return EvalResult("oracle", per, agg.overall, split(False), split(True), dict(agg.per_modality),
-                      dict(agg.per_meta_task), lat, bat, {"generated_tokens_per_query": tok, "reasoning_share": share})
+    return eval_result("oracle", per, registry, lat, bat, {"generated_tokens_per_query": tok, "reasoning_share": share})
 
 
 def write_dataset_files(out: Path, s: DatasetScore, es: EvalSet) -> None:

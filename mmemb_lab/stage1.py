@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -250,8 +250,6 @@ def _check_resumable(out: Path, data: list[tuple[Item, str | None]], cfg: Stage1
     Writes ``run.json`` (a digest of the training set and config) next to the checkpoint; a later call with
     other data (a new selection, another ablation) raises instead of silently continuing the old run."""
     import hashlib
-
-    from dataclasses import asdict
 
     from .train import atomic_write_text
 
