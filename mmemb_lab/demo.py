@@ -20,7 +20,7 @@ from .figures import (
     easy_hard_by_dataset, gain_by_worker, gain_scatter, gate_curve, gate_invocation, modes_easy_hard, rl_curves,
     save_figure, selection_outcome, stage1_curves,
 )
-from .foundation import description_accuracy, load_foundation, train_foundation
+from .foundation import description_accuracy, load_foundation, skill_accuracy, train_foundation
 from .paths import foundation_dir, worlds_dir
 from .presets import PRESETS, RunConfig
 from .selection import gold_rationale_gain, run_selection, selection_summary
@@ -57,6 +57,7 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
     log.info("[2/7] stage-0 foundation from %s: measuring what it sees on held-out items", fpath)
     backbone, meta = load_foundation(fpath)
     seen = description_accuracy(backbone, seed=10_000 + seed, n=cfg.description_items)
+    skills = skill_accuracy(backbone, seed=20_000 + seed, n=max(4, cfg.description_items // 2))
 
     registry = toy_registry(info)
     figs = {}
@@ -115,7 +116,8 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
 
     summary = {
         "preset": preset, "seed": seed, "world": world_summary(info),
-        "foundation": {"path": str(fpath), "fingerprint": meta["fingerprint"], "description_accuracy": seen},
+        "foundation": {"path": str(fpath), "fingerprint": meta["fingerprint"], "description_accuracy": seen,
+                       "skill_accuracy": skills},
         "eval": evals,
         **({"selection": selection_block} if selection_block else {}),
         **({"stage1": stage1_block} if stage1_block else {}),
@@ -126,7 +128,9 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     figs.update({"direct_easy_vs_hard": easy_hard_by_dataset(summary["eval"]["direct"]),
-                 "foundation_description_accuracy": description_figure(seen)})
+                 "foundation_description_accuracy": description_figure(seen),
+                 "foundation_skill_accuracy": description_figure(
+                     skills, title="Stage 0: single-step skills (the hops a rationale chains)")})
     for name, fig in figs.items():
         save_figure(fig, name, run=run_name, directory=out / "figures")
         save_figure(fig, name, run=run_name)

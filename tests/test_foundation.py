@@ -11,7 +11,7 @@ from mmemb_lab.foundation import (
     world_fingerprint,
 )
 from mmemb_lab.paths import foundation_dir
-from mmemb_lab.world.scenes import random_page, random_scene
+from mmemb_lab.world.scenes import POSITIONS, random_page, random_scene
 
 COMMITTED = foundation_dir() / "foundation.json"
 
@@ -125,3 +125,40 @@ def test_a_checkpoint_from_before_a_new_head_is_carried_over(make_backbone, tmp_
         assert torch.equal(state["optimizer"]["state"][order.index(name)]["exp_avg"], moments[i]["exp_avg"])
     res = run_loop(new, step_fn, cfg, tmp_path, desc="new")
     assert res.resumed_from == 2 and res.steps_done == 3
+
+
+def test_reading_spans_join_at_the_read_phase_on_hard_items_only():
+    """From ``read_phase`` on, some hard queries carry true observations then the answer statement; before
+    it, none do, and easy queries never carry more than their one step."""
+    from mmemb_lab.foundation import FoundationConfig, contrastive_batch, observations
+    from mmemb_lab.world.tasks import make_item
+
+    cfg = FoundationConfig(read_phase=10, read_fraction=1.0, span_fraction=0.0)
+    before, *_ = contrastive_batch(cfg, 0, 9, 24)
+    assert all(q.rationale is None for q in before)
+    after, *_ = contrastive_batch(cfg, 0, 10, 24)
+    spans = [q.rationale for q in after if q.rationale]
+    assert len(spans) >= 8  # the stream is ~65% hard
+    it = make_item("toy_cls", 0, "stream", 3, 1.0)
+    rng = np.random.default_rng(0)
+    for obs in observations(it, rng, 20):  # every observation about the scene is true
+        if ": " in obs:
+            cell, what = obs.rstrip(".").split(": ")
+            k = list(POSITIONS).index(cell)
+            assert what == f"{cell} {it.query_visual.cells[k].name if it.query_visual.cells[k] else 'empty'}"
+    from mmemb_lab.foundation import reading_span
+    assert reading_span(it, rng, 2).endswith(it.gold_steps[-1])
+
+
+def test_skill_accuracy_scores_exact_answers(monkeypatch):
+    """Right answers score 1, an answer with one wrong word scores 0, per skill kind."""
+    import mmemb_lab.foundation as f
+    from mmemb_lab.world.skills import SKILLS
+
+    rng = np.random.default_rng([5, 7])
+    gold = [SKILLS[name][0](rng).answer for name in f.ATOMIC_SKILLS for _ in range(3)]
+    monkeypatch.setattr(f, "generate", lambda bb, inputs, max_new_tokens: [" " + a for a in gold])
+    acc = f.skill_accuracy(None, seed=5, n=3)
+    assert set(acc) >= {"read_cell", "find_shape", "find_other", "read_page"} and min(acc.values()) == 1.0
+    monkeypatch.setattr(f, "generate", lambda bb, inputs, max_new_tokens: [a[:-1] + "x." for a in gold])
+    assert max(f.skill_accuracy(None, seed=5, n=3).values()) == 0.0
