@@ -122,3 +122,12 @@ def test_batched_scoring_equals_each_candidate_scored_alone(backbone):
                 assert math.isclose(swap, table.gain_swap[i, j], abs_tol=2e-4)
                 checked += 1
     assert checked >= 8
+
+
+def test_swap_partner_has_another_target():
+    """A rationale written for a query with the same target is no counterfactual: skip to the next one."""
+    ds = ["a", "a", "a", "a", "b", "b"]
+    tg = ["x", "x", "y", "x", "z", "z"]
+    p = swap_partners(ds, tg)
+    assert list(p) == [2, 2, 3, 2, -1, -1]
+    assert all(j < 0 or (tg[j] != tg[i] and ds[j] == ds[i]) for i, j in enumerate(p))
