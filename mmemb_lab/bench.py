@@ -40,14 +40,14 @@ def counterfactual_throughput(backbone, n_items: int = 8) -> dict:
     """Counterfactual scoring of (pair, candidate) combinations: ``score_pairs`` (every target embedded once,
     query variants in batches) vs each candidate scored on its own (``score_candidate``). The batched
     design run at batch size 1 is reported too (what batching alone buys, without the sharing)."""
-    from .selection import _target_key, score_candidate, score_pairs, swap_partners, toy_pairs
+    from .selection import pair_partners, score_candidate, score_pairs, toy_pairs
     from .workers import toy_rationales
 
     names = sorted(DATASETS)
     items = [make_item(names[i % len(names)], 0, "train", i, 0.65) for i in range(n_items)]
     pairs = toy_pairs(items, [toy_rationales(it, 0) for it in items])
     n_cands = sum(len(p.rationales) for p in pairs)
-    partner = swap_partners([p.item.dataset for p in pairs], [_target_key(p.positive) for p in pairs])
+    partner = pair_partners(pairs)
 
     def one_at_a_time():
         for i, p in enumerate(pairs):

@@ -43,7 +43,7 @@ from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
 from .train import LoopConfig, atomic_write_text, run_loop
 from .world.scenes import ORDINALS, POSITIONS, TOKEN_CLASSES, Page, Scene, Video, random_page, random_video
-from .world.skills import describe_frame, describe_page, describe_scene, sample_skill, text_op
+from .world.skills import cell_fact, describe_frame, describe_page, describe_scene, sample_skill, text_op
 from .world.tasks import DATASETS, make_item
 
 log = logging.getLogger(__name__)
@@ -313,8 +313,7 @@ def observations(item, rng, k: int) -> list[str]:
     out = []
     for _ in range(k):
         if isinstance(scene, Scene) and rng.random() < 0.6:
-            pos = int(rng.integers(9))
-            out.append(f"{POSITIONS[pos]}: {POSITIONS[pos]} {scene.cells[pos].name if scene.cells[pos] else 'empty'}.")
+            out.append(cell_fact(scene, int(rng.integers(9))))
         else:
             out.append(text_op(rng).answer)
     return out

@@ -95,7 +95,7 @@ class GainTable:
         raise ValueError(f"unknown counterfactual {variant!r}: removal, swap or both")
 
 
-def swap_partners(datasets: Sequence[str], targets: Sequence[str] | None = None) -> np.ndarray:
+def swap_partners(datasets: Sequence[str], targets: Sequence | None = None) -> np.ndarray:
     """Index of the next pair of the same dataset (cyclic); -1 when there is none.
 
     With ``targets`` (one identity per pair), the partner is the next pair of the same dataset whose
@@ -109,11 +109,17 @@ def swap_partners(datasets: Sequence[str], targets: Sequence[str] | None = None)
         by.setdefault(d, []).append(i)
     for idx in by.values():
         for t, a in enumerate(idx):
-            for b in idx[t + 1:] + idx[:t]:
+            for s in range(1, len(idx)):
+                b = idx[(t + s) % len(idx)]
                 if targets is None or targets[b] != targets[a]:
                     out[a] = b
                     break
     return out
+
+
+def pair_partners(pairs: Sequence[Pair]) -> np.ndarray:
+    """``swap_partners`` of training pairs: same dataset, another positive target."""
+    return swap_partners([p.item.dataset for p in pairs], [_target_key(p.positive) for p in pairs])
 
 
 def toy_pairs(items: Sequence[Item], rationales: Sequence[list[Rationale]], pool_negatives: int = 15,
@@ -156,15 +162,18 @@ def score_pairs(evaluator: Backbone | Callable[[list[Input]], torch.Tensor], pai
     workers = [r.worker for r in pairs[0].rationales]
     n, k = len(pairs), len(workers)
     datasets = [p.item.dataset for p in pairs]
-    partner = swap_partners(datasets, [_target_key(p.positive) for p in pairs])
-    # targets: each distinct one embedded once
-    tkeys, tinputs = {}, []
+    # targets: each distinct one embedded once; per pair, the rows of its positive and negatives
+    tkeys, tinputs, rows = {}, [], []
     for p in pairs:
+        r = []
         for x in [p.positive] + p.negatives:
             key = _target_key(x)
             if key not in tkeys:
                 tkeys[key] = len(tinputs)
                 tinputs.append(x)
+            r.append(tkeys[key])
+        rows.append(r)
+    partner = swap_partners(datasets, [r[0] for r in rows])  # same row = same target
     t_emb = evaluator(tinputs)
     # queries: direct, with own rationale, with the swap partner's rationale (same worker)
     qinputs: list[Input] = []
@@ -184,9 +193,7 @@ def score_pairs(evaluator: Backbone | Callable[[list[Input]], torch.Tensor], pai
     q_emb = evaluator(qinputs)
 
     def conf(qi: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
-        p = pairs[i]
-        pos = t_emb[tkeys[_target_key(p.positive)]]
-        neg = t_emb[[tkeys[_target_key(x)] for x in p.negatives]]
+        pos, neg = t_emb[rows[i][0]], t_emb[rows[i][1:]]
         sel = torch.as_tensor(np.where(qi >= 0, qi, 0))
         q = q_emb[sel]
         lp = log_prob_positive(q, pos.expand_as(q), neg.unsqueeze(0).expand(len(q), -1, -1), temperature)

@@ -58,12 +58,16 @@ def video_event(rng) -> Skill:
                  v.events[t].describe())
 
 
+def cell_fact(scene: Scene, pos: int) -> str:
+    """What is at a cell, in the world's step form: "top-left: top-left blue triangle." (or "... empty.")."""
+    o = scene.cells[pos]
+    return f"{POSITIONS[pos]}: {POSITIONS[pos]} {o.name if o else 'empty'}."
+
+
 def read_cell(rng) -> Skill:
     s = random_scene(rng, 2, 7)
     pos = int(rng.integers(9))
-    o = s.cells[pos]
-    return Skill("read_cell", f"what is at {POSITIONS[pos]}?", s,
-                 f"{POSITIONS[pos]}: {POSITIONS[pos]} {o.name if o else 'empty'}.")
+    return Skill("read_cell", f"what is at {POSITIONS[pos]}?", s, cell_fact(s, pos))
 
 
 def find_shape(rng) -> Skill:
