@@ -34,7 +34,7 @@ test: $(MARKER)
 bench: $(MARKER)
 	$(OFFLINE) $(VPY) -m mmemb_lab bench --out runs/bench
 
-# Retrains the committed stage-0 foundation model in data/foundation (7600 steps, ~2 h on 2 cores;
+# Retrains the committed stage-0 foundation model in data/foundation (8600 steps, ~2.3 h on 2 cores;
 # resumes from data/foundation.work): two 1-thread processes (gloo) use
 # 2 cores better than one 2-thread process; the same code runs on N GPUs under torchrun/accelerate.
 foundation: $(MARKER)

@@ -143,6 +143,11 @@ class Backbone:
     def merge(self) -> int:
         return 2
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: batches from ``collate`` are put there."""
+        return next(self.model.parameters()).device
+
     def token_id(self, token: str) -> int:
         return self.tokenizer.convert_tokens_to_ids(token)
 
@@ -174,16 +179,21 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 
 
 def build_tiny(spec: TinySpec, tokenizer: PreTrainedTokenizerFast, seed: int = 0,
-               video_mode: str = "frames_as_images") -> Backbone:
+               video_mode: str = "frames_as_images", device: torch.device | str | None = None) -> Backbone:
+    """A tiny model from config (fp32), on ``device`` (default: this process's GPU if any, else the CPU)."""
+    from .distributed import default_device
+
     cls, cfg = tiny_config(spec, tokenizer)
     torch.manual_seed(seed)
-    model = cls._from_config(cfg, attn_implementation="sdpa")
+    model = cls._from_config(cfg, attn_implementation="sdpa").to(device or default_device())
     return Backbone(model, tokenizer, image_processor_for(spec.arch), spec.arch, "tiny", video_mode)
 
 
 def load_backbone(path_or_id: str | Path, expect_arch: str | None = None, lora: dict | None = None,
-                  dtype: torch.dtype | None = None) -> Backbone:
-    """Load a saved tiny backbone or a real Qwen-VL checkpoint (Hub id or local folder).
+                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Backbone:
+    """Load a saved tiny backbone or a real Qwen-VL checkpoint (Hub id or local folder), on ``device``
+    (default: this process's GPU in the checkpoint's own dtype - bf16 for Qwen-VL releases, fp32 for our
+    tiny models - when CUDA is there; else the CPU in fp32).
 
     Raises ``CheckpointError`` naming the checkpoint when it is missing or of another architecture.
     """
@@ -203,10 +213,12 @@ def load_backbone(path_or_id: str | Path, expect_arch: str | None = None, lora: 
         raise CheckpointError(f"{src}: architecture {arch!r} is not a supported Qwen-VL ({', '.join(ARCHS)})")
     if expect_arch is not None and arch != expect_arch:
         raise CheckpointError(f"{src}: checkpoint is {arch!r} but this run expects {expect_arch!r}")
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if dtype is None:  # on a GPU the checkpoint's own dtype (bf16 for the real ones), on the CPU fp32
+        dtype = "auto" if torch.cuda.is_available() else torch.float32
+    from .distributed import default_device
+
     model = getattr(transformers, ARCHS[arch][0]).from_pretrained(
-        src, dtype=dtype, attn_implementation=attn_implementation())
+        src, dtype=dtype, attn_implementation=attn_implementation()).to(device or default_device())
     tokenizer = AutoTokenizer.from_pretrained(src, padding_side="left")
     missing = [t for t in OUR_SPECIAL if t not in tokenizer.get_vocab()]
     if missing:  # a real checkpoint: add our span/embedding tokens and grow the embedding table

@@ -87,8 +87,10 @@ for step in range(4):
     if not out.get("backward_done"):
         opt.zero_grad(); out["loss"].backward()
     opt.step()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
     times.append(time.perf_counter() - t)
-print(json.dumps({"samples_per_s": batch / min(times[1:]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"samples_per_s": batch / min(times[1:]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  **({"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {})}))
 """
 
 
@@ -108,6 +110,35 @@ def training_throughput(batch: int = 32, chunk: int = 8) -> dict:
     return res
 
 
+def foundation_throughput(steps: int = 4) -> dict:
+    """Stage-0 optimiser steps/s of the tiny spec at the default batch sizes, every term on (descriptions
+    and skills with the search-attention term, contrastive with bag of words), on this process's device."""
+    from .backbone import build_tiny
+    from .foundation import FoundationConfig, Stage0, make_step_fn
+    from .paths import foundation_dir
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = FoundationConfig()
+    tok = PreTrainedTokenizerFast.from_pretrained(foundation_dir(), padding_side="left")
+    backbone = build_tiny(cfg.spec, tok)
+    stage = Stage0(backbone)
+    opt = torch.optim.AdamW(stage.parameters(), lr=1e-4)
+    fn = make_step_fn(backbone, cfg, seed=0)
+    times = []
+    for k in range(steps + 1):  # the first step warms up (and switches to the eager attention)
+        t = time.perf_counter()
+        out = fn(cfg.search_phase + k, stage)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    best = min(times[1:])
+    return {"device": str(backbone.device), "steps_per_s": 1 / best, "s_per_step": best,
+            "batch": {"gen": cfg.gen_batch_nce, "nce_pairs": cfg.nce_batch, "hard_negatives": cfg.hard_negatives}}
+
+
 def run_bench(out: str | Path = "runs/bench") -> dict:
     from .foundation import load_foundation
     from .paths import foundation_dir
@@ -115,11 +146,13 @@ def run_bench(out: str | Path = "runs/bench") -> dict:
 
     backbone, _ = load_foundation(foundation_dir())
     res = {"machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-                       "cuda": torch.cuda.is_available()},
+                       "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else False,
+                       "torch": torch.__version__},
            "backbone": {"arch": backbone.arch, "params": sum(p.numel() for p in backbone.model.parameters())},
            "embedding_direct": embedding_throughput(backbone),
            "counterfactual_scoring": counterfactual_throughput(backbone),
            "stage1_training": training_throughput(),
+           "stage0_training": foundation_throughput(),
            "paper_memory_estimate_gb": {k: v for k, v in memory_estimate().items() if k != "preset"}}
     try:
         from .harness import harness_bench

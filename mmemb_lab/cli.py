@@ -137,10 +137,6 @@ def _benchmark(a) -> None:
         registry = {k: v for k, v in registry.items() if k in a.datasets}
     with distributed.init_from_env():
         backbone = _load(a)
-        if torch.cuda.is_available():  # one GPU per rank; the harness moves batches to the model's device
-            import os
-
-            backbone.model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         res = run_benchmark(backbone, source, registry, a.out, HarnessConfig(mode="direct", prompt=a.prompt,
                                                                             strict=a.strict), benchmark=a.benchmark)
     if res is not None:

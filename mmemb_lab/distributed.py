@@ -53,6 +53,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def default_device() -> torch.device:
+    """Where this process puts its model: its own GPU (``LOCAL_RANK``) when CUDA is there, else the CPU."""
+    if torch.cuda.is_available():  # more ranks than GPUs (a test of 2 ranks on 1 GPU): they share
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def _collective_device() -> torch.device:
     # nccl only moves CUDA tensors; gloo only needs CPU ones.
     if is_distributed() and dist.get_backend() == "nccl":
@@ -140,8 +147,9 @@ def init_from_env() -> _ProcessGroupScope:
         return _ProcessGroupScope(created=False)
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        # nccl collectives run on the "current" device; one GPU per local rank.
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+        torch.cuda.set_device(default_device())
+    # nccl wants one GPU per rank; more local ranks than GPUs (2 ranks on 1 GPU, a test) fall back to gloo
+    nccl = use_cuda and int(os.environ.get("LOCAL_WORLD_SIZE", n)) <= torch.cuda.device_count()
+    dist.init_process_group(backend="nccl" if nccl else "gloo", init_method="env://")
     logger.info("joined process group: rank %d of %d (%s)", rank(), world_size(), dist.get_backend())
     return _ProcessGroupScope(created=True)

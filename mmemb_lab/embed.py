@@ -87,8 +87,11 @@ def storyboard(frames: Sequence[Image.Image]) -> Image.Image:
 
 
 def collate(backbone: Backbone, inputs: Sequence[Input], assistants: Sequence[str] | None = None,
-            ) -> dict[str, torch.Tensor]:
+            device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Tokenise and left-pad a batch; images go through the backbone's image processor.
+
+    The tensors are put on ``device`` (default: where the model is, so a GPU model gets GPU batches;
+    pass "cpu" to build batches in a data-loading process).
 
     A frame sequence (a list of images) is fed according to ``backbone.video_mode``: "frames_as_images"
     (one vision block per frame, with a text marker each) or "storyboard" (frames tiled into one image).
@@ -117,7 +120,8 @@ def collate(backbone: Backbone, inputs: Sequence[Input], assistants: Sequence[st
     batch["input_ids"] = enc["input_ids"]
     batch["attention_mask"] = enc["attention_mask"]
     batch["mm_token_type_ids"] = (enc["input_ids"] == backbone.token_id("<|image_pad|>")).int()
-    return batch
+    device = torch.device(device) if device is not None else backbone.device
+    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -160,7 +164,7 @@ def embed(backbone: Backbone, inputs: Sequence[Input], batch_size: int = 64, pro
     out = []
     starts = range(0, len(inputs), batch_size)
     for s in tqdm(starts, desc="embed", disable=not progress, leave=False):
-        out.append(encode(backbone, inputs[s:s + batch_size]))
+        out.append(encode(backbone, inputs[s:s + batch_size]).cpu())  # results live on the CPU
     backbone.model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, backbone.model.config.text_config.hidden_size)
 

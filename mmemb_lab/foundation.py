@@ -11,14 +11,17 @@ Concept
         L0 = NextToken(descriptions + atomic single-step QA) + w_aux * CE(attribute head on image tokens)
              + w_nce * InfoNCE(direct query embedding, positive; in-batch + mined hard negatives)
              + w_bow * BagOfWords(LM head at <|emb|> of query and positive -> words of the target)
+             + w_search * -log(attention of one head on the image tokens a search answer reads)
 
     with the contrastive term joining after ``see_steps`` (grounding first), frame replay and a
-    frame-index head from ``frame_phase``, and reading spans (true observations, then the answer
-    statement) from ``read_phase``. Multi-step rationales are kept out: the skills are single hops
+    frame-index head from ``frame_phase``, reading spans (true observations, then the answer
+    statement) from ``read_phase``, search-skill replay from ``skill_phase`` and the search-attention
+    term from ``search_phase``. Multi-step rationales are kept out: the skills are single hops
     (``mmemb_lab.world.skills``), chains are the later stages' job.
 
-Deviation: a pretrained MLLM has no attribute head; ours is dropped after stage 0 (it is saved
-separately and not part of the backbone checkpoint).
+Deviations: a pretrained MLLM has no attribute head; ours is dropped after stage 0 (it is saved
+separately and not part of the backbone checkpoint). Nor is its attention supervised: the search term
+(``FoundationConfig.search_weight``) is ours, a stand-in for the pretraining scale a tiny model lacks.
 
 Used by: ``make foundation`` (reproduces data/foundation), the demo when no foundation exists, notebook 01.
 """
@@ -54,7 +57,7 @@ WORLD_VERSION = "toy-world-v1"
 class FoundationConfig:
     spec: TinySpec = field(default_factory=TinySpec)
     """Sizes of the tiny backbone."""
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=7600, lr=1e-3, warmup=100, ckpt_every=100))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=8600, lr=1e-3, warmup=100, ckpt_every=100))
     """Optimiser and schedule."""
     gen_batch: int = 32
     """Descriptions / single-step QA per step."""
@@ -129,7 +132,33 @@ class FoundationConfig:
     descriptions read 0.96-1.00. After 1000 steps of this mix (7600-step model, the demo's 50 per
     skill, seed 0): find_other 0.26, find_shape 0.26, read_page 0.50, video_first 0.52, video_event 0.07:
     better on some, still far from near-perfect. A position-addressed lookup (read_cell) is easy for the
-    3-layer model, a content-addressed search is not (open: see the issue tracker)."""
+    3-layer model, a content-addressed search is not: the next field says why and what fixed it."""
+    search_phase: int = 7600
+    """Step from which the search-attention term joins (phase 5)."""
+    search_weight: float = 1.0
+    """Weight of the search-attention term (ours): while a content-search answer (find_shape, find_other,
+    read_page, video_first, video_event) states what it found, head ``search_head`` of decoder layer
+    ``search_layer`` is asked to put its attention on the image token(s) that hold it
+    (-log of the attention mass there, ``Skill.reads``). Measured on the 7600-step model: probes read the
+    sought shape linearly (1.00) from both the question's state and every image token's state, yet the
+    layer-1 heads spread their attention evenly over the 9 image tokens (0.13 on the target) and a linear
+    probe finds the target's cell in the answer state at chance (0.25): the matching circuit never
+    formed, an optimisation plateau, not a missing feature. A 400-step skills-only fine-tune with this
+    term took find_shape from 0.23 to 1.00 (without it: 0.38). It names only *where* to look, never what
+    is there, and acts on single-step skills only (no chain is shown).
+
+    Result in the full stage-0 mix (steps 7600-8600, the committed model): the head now looks where the
+    answer is (mass on the target 0.91 find_shape / 0.80 find_other, was 0.10 / 0.08), and a linear probe
+    reads the target's cell from the state after that layer at 0.95 (was 0.27) - but the greedy answers
+    did NOT improve (find_shape 0.26, find_other 0.14): the last layer never learned to turn the found
+    cell into its position word while the contrastive terms share the model. Measured continuations of
+    200-400 steps (lr 3e-4 to 1e-3, 32 or 48 QA per step, fresh or loaded AdamW moments, bag of words
+    off) stayed at 0.3-0.45; skills-only training does it in 200 steps but drops the direct embedding's
+    easy Hit@1 from 85.8 to 51.5. Open."""
+    search_layer: int = 1
+    """Decoder layer whose attention the search term supervises (0-based; needs the eager attention)."""
+    search_head: int = 0
+    """Head of that layer the search term supervises (the others stay free)."""
 
 
 class Stage0(torch.nn.Module):
@@ -142,16 +171,20 @@ class Stage0(torch.nn.Module):
         self.head = torch.nn.Linear(hidden, len(TOKEN_CLASSES))
         self.pos_head = torch.nn.Linear(hidden, N_TOKEN_POSITIONS)
         self.frame_head = torch.nn.Linear(hidden, MAX_FRAMES)
+        self.to(backbone.device)
 
     def forward(self, gen: dict, nce: dict | None = None) -> dict:
         """``gen``: batch, labels, tok_labels, tok_positions, frame_labels (or None), frame_layer;
         ``nce``: query/positive/negative batches, ids, tau."""
-        lm, aux, frame = lm_loss(None, self.model, gen["batch"], gen["labels"], self.head, gen["tok_labels"],
-                                 self.pos_head, gen["tok_positions"], self.frame_head, gen.get("frame_labels"),
-                                 gen.get("frame_layer", 1))
+        lm, aux, frame, found = lm_loss(None, self.model, gen["batch"], gen["labels"], self.head, gen["tok_labels"],
+                                        self.pos_head, gen["tok_positions"], self.frame_head, gen.get("frame_labels"),
+                                        gen.get("frame_layer", 1), gen.get("search"), gen.get("search_layer", 1),
+                                        gen.get("search_head", 0))
         out = {"lm": lm, "aux": aux}
         if frame is not None:
             out["frame"] = frame
+        if found is not None:
+            out["search"] = found
         if nce is not None:
             base = base_model(self.model)
             hq, hp, hn = (base(**b, use_cache=False).last_hidden_state[:, -1] for b in (nce["q"], nce["p"], nce["n"]))
@@ -159,7 +192,7 @@ class Stage0(torch.nn.Module):
                            hard_negatives=F.normalize(hn, dim=-1), target_ids=nce["ids"], negative_ids=nce["neg_ids"])
             out.update(nce=res.loss, acc=res.accuracy)
             if nce.get("bow") is not None:  # answer bag of words through the (tied) LM head
-                bow = nce["bow"]
+                bow = nce["bow"].to(hq.device)
                 lq = -(F.log_softmax(self.model.lm_head(hq), -1) * bow).sum(-1).mean()
                 lp = -(F.log_softmax(self.model.lm_head(hp), -1) * bow).sum(-1).mean()
                 out["bow"] = (lq + lp) / 2
@@ -193,8 +226,8 @@ def world_fingerprint(tokenizer) -> str:
         h.update(repr((it.query_inst, it.query_text, it.answer, it.gold_steps, it.candidates)).encode())
     rng = np.random.default_rng(0)
     for _ in range(20):
-        s = sample_skill(rng)
-        h.update(repr(s).encode())
+        s = sample_skill(rng)  # what the world generates; the fields added for training (reads) stay out
+        h.update(f"Skill(kind={s.kind!r}, question={s.question!r}, visual={s.visual!r}, answer={s.answer!r})".encode())
     h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -244,27 +277,71 @@ def answer_labels(backbone: Backbone, batch: dict, answers: list[str]) -> torch.
     return labels
 
 
+def search_targets(backbone: Backbone, batch: dict, skills: list) -> list[tuple[int, int, int, list[int]]]:
+    """For every skill with ``reads``: (row, first query position, end query position, key positions).
+
+    The query positions are those whose NEXT token belongs to the answer after ``reads_after`` (the
+    answer is the end of its left-padded row); the keys are the sequence positions of the image tokens
+    it reads (``Skill.reads`` index the row's image-pad tokens in order)."""
+    pad = backbone.token_id("<|image_pad|>")
+    length = batch["input_ids"].shape[1]
+    out = []
+    for i, sk in enumerate(skills):
+        if not getattr(sk, "reads", ()):
+            continue
+        n = len(backbone.tokenizer(sk.answer[len(sk.reads_after):] + "<|im_end|>", add_special_tokens=False)["input_ids"])
+        img = (batch["input_ids"][i] == pad).nonzero().flatten().tolist()
+        out.append((i, length - n - 1, length - 1, [img[r] for r in sk.reads]))
+    return out
+
+
+def search_loss(attn: torch.Tensor, targets: list[tuple[int, int, int, list[int]]], head: int) -> torch.Tensor:
+    """Mean over targets of -log(attention mass of ``head`` on the read tokens), averaged over the
+    answer's query positions; ``attn``: (batch, heads, query, key) probabilities of one layer."""
+    terms = [-torch.log(attn[i, head, q0:q1][:, keys].sum(-1).clamp(min=1e-6)).mean() for i, q0, q1, keys in targets]
+    return torch.stack(terms).mean()
+
+
+def search_attention(backbone: Backbone, inputs: list[Input], skills: list, answers: list[str], layer: int,
+                     head: int) -> float:
+    """Mean attention mass that ``head`` of ``layer`` puts on the read tokens while the answer is written
+    (teacher-forced): 1/9 is an even spread over a scene. A diagnostic of the search circuit."""
+    model = backbone.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        batch = collate(backbone, inputs, answers)
+        with torch.no_grad():
+            attn = base_model(model)(**batch, use_cache=False, output_attentions=True).attentions[layer]
+        targets = search_targets(backbone, batch, skills)
+        return float(np.mean([float(attn[i, head, q0:q1][:, keys].sum(-1).mean()) for i, q0, q1, keys in targets]))
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def lm_loss(backbone: Backbone | None, model: torch.nn.Module, batch: dict, labels: torch.Tensor, head=None,
             tok_labels: list[int] | None = None, pos_head=None, tok_positions: list[int] | None = None,
-            frame_head=None, frame_targets: torch.Tensor | None = None,
-            frame_layer: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Next-token loss on labelled positions, the attribute-head loss on image tokens, and (when
-    ``frame_targets`` has labels) the frame-index loss on the decoder state after ``frame_layer``."""
+            frame_head=None, frame_targets: torch.Tensor | None = None, frame_layer: int = 1,
+            search: list | None = None, search_layer: int = 1, search_head: int = 0,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Next-token loss on labelled positions, the attribute-head loss on image tokens, (when
+    ``frame_targets`` has labels) the frame-index loss on the decoder state after ``frame_layer``, and
+    (when ``search`` has targets, eager attention only) the search-attention loss."""
     base = base_model(model)
     mm = None
-    aux = torch.zeros(())
+    aux = torch.zeros((), device=batch["input_ids"].device)
     if "pixel_values" in batch:
         mm = base.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
         if head is not None and tok_labels:
             feats = torch.cat(mm.pooler_output)  # (n_image_tokens, hidden)
-            aux = F.cross_entropy(head(feats), torch.tensor(tok_labels))
+            aux = F.cross_entropy(head(feats), torch.tensor(tok_labels, device=feats.device))
             if pos_head is not None and tok_positions:
-                aux = aux + F.cross_entropy(pos_head(feats), torch.tensor(tok_positions))
+                aux = aux + F.cross_entropy(pos_head(feats), torch.tensor(tok_positions, device=feats.device))
     kw = {k: v for k, v in batch.items() if k != "pixel_values"}
     if mm is not None:
         kw["mm_encoder_outputs"] = {"image": mm}
     want_frames = frame_head is not None and frame_targets is not None and bool((frame_targets >= 0).any())
-    res = base(**kw, use_cache=False, output_hidden_states=want_frames)
+    res = base(**kw, use_cache=False, output_hidden_states=want_frames, output_attentions=bool(search))
     states = res.last_hidden_state
     logits = model.lm_head(states[:, :-1]) if hasattr(model, "lm_head") else model.get_output_embeddings()(states[:, :-1])
     lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -272,7 +349,8 @@ def lm_loss(backbone: Backbone | None, model: torch.nn.Module, batch: dict, labe
     if want_frames:
         h = res.hidden_states[frame_layer]
         frame = F.cross_entropy(frame_head(h).reshape(-1, MAX_FRAMES), frame_targets.reshape(-1), ignore_index=-100)
-    return lm, aux, frame
+    found = search_loss(res.attentions[search_layer], search, search_head) if search else None
+    return lm, aux, frame, found
 
 
 def contrastive_batch(cfg: FoundationConfig, seed: int, step: int, n: int):
@@ -362,6 +440,11 @@ def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
                if cfg.position_head else None,
                "frame_labels": frame_labels(backbone, batch) if phase2 and cfg.frame_head_weight > 0 else None,
                "frame_layer": cfg.frame_head_layer}
+        if step >= cfg.search_phase and cfg.search_weight > 0:
+            if backbone.model.config._attn_implementation != "eager":  # the term reads attention probabilities
+                backbone.model.set_attn_implementation("eager")
+            gen.update(search=search_targets(backbone, batch, skills), search_layer=cfg.search_layer,
+                       search_head=cfg.search_head)
         nce = None
         if step >= cfg.see_steps and cfg.nce_weight > 0:
             qs, ps, ns, ids, nids, answers = contrastive_batch(cfg, seed, step, cfg.nce_batch // world)
@@ -374,6 +457,8 @@ def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
             loss = loss + cfg.bow_weight * out["bow"]
         if "frame" in out:
             loss = loss + cfg.frame_head_weight * out["frame"]
+        if "search" in out:
+            loss = loss + cfg.search_weight * out["search"]
         return {**{k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}, "loss": loss}
     return step_fn
 
@@ -397,6 +482,7 @@ def train_foundation(out: str | Path, cfg: FoundationConfig = FoundationConfig()
     adopt_checkpoint(work / "checkpoint.pt", stage)
     res = run_loop(stage, make_step_fn(backbone, cfg, seed), cfg.loop, work, resume=resume,
                    stop_after=stop_after, desc="stage 0")
+    backbone.model.set_attn_implementation("sdpa")  # the search phase trains with eager attention
     if res.steps_done < cfg.loop.steps or not distributed.is_main():
         return backbone
     # read before saving: ``backbone.save`` replaces the folder, and with it the record of earlier segments
@@ -430,7 +516,7 @@ def adopt_checkpoint(ckpt: Path, stage: Stage0) -> bool:
     if not distributed.is_main() or not ckpt.exists():
         distributed.barrier()
         return False
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")
     own = stage.state_dict()
     missing = [k for k in own if k not in state["model"]]
     if not missing:
@@ -457,9 +543,10 @@ def adopt_checkpoint(ckpt: Path, stage: Stage0) -> bool:
     return True
 
 
-def load_foundation(path: str | Path) -> tuple[Backbone, dict]:
-    """Load a foundation checkpoint and check it matches the current world and tokenizer."""
-    backbone = load_backbone(path, expect_arch=None)
+def load_foundation(path: str | Path, **kw) -> tuple[Backbone, dict]:
+    """Load a foundation checkpoint and check it matches the current world and tokenizer (``kw``: dtype,
+    device... as in ``load_backbone``)."""
+    backbone = load_backbone(path, expect_arch=None, **kw)
     meta = json.loads((Path(path) / "foundation.json").read_text())
     if meta["fingerprint"] != world_fingerprint(backbone.tokenizer):
         log.warning("%s was trained on another version of the toy world: rerun `make foundation`", path)

@@ -75,10 +75,10 @@ def gate_forward(backbone: Backbone, inputs: Sequence[Input], batch_size: int = 
         for s in range(0, len(inputs), batch_size):
             chunk = [replace(x, rationale=None) for x in inputs[s:s + batch_size]]
             states = hidden_states(bb, collate(bb, chunk))  # (b, seq, hidden), left-padded
-            d.append(pool(states))
+            d.append(pool(states).cpu())  # results live on the CPU, wherever the model is
             logp = torch.log_softmax(head(states[:, -2]).float(), dim=-1)  # next token after the prompt
-            pt.append(logp[:, think].exp())
-            pe.append(logp[:, emb].exp())
+            pt.append(logp[:, think].exp().cpu())
+            pe.append(logp[:, emb].exp().cpu())
     finally:
         bb.model.train(was)
     if not d:

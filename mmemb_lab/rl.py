@@ -188,7 +188,7 @@ def group_advantages(rewards, group_size: int, scale: str = "group", eps: float 
         std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(adv)
         adv = adv / (std + eps)
     elif scale == "batch":
-        adv = adv / ((r.std() if r.numel() > 1 else torch.tensor(0.0)) + eps)
+        adv = adv / ((r.std() if r.numel() > 1 else torch.tensor(0.0, device=r.device)) + eps)
     elif scale != "none":
         raise ValueError(f"unknown scale {scale!r}")
     return adv.reshape(-1)
@@ -340,8 +340,12 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     gen_kwargs = {"begin_suppress_tokens": [i for i in range(vocab) if i not in (think, emb)]} \
         if cfg.constrain_decision else None
     cuda = torch.cuda.is_available()
+    # bf16 only for bf16 weights (a Qwen-VL release). Measured on an H200: bf16 *autocast* over our fp32
+    # tiny model turned every vision-tower weight into NaN at the second GRPO step with the sdpa attention
+    # (lr 1e-4 as well as 3e-2; fp32, or eager attention, were fine) - an fp32 model trains in fp32.
+    bf16 = cuda and next(model.parameters()).dtype == torch.bfloat16
     args = GRPOConfig(**{**dict(
-        output_dir=str(out / "trl"), use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(),
+        output_dir=str(out / "trl"), use_cpu=not cuda, bf16=bf16,
         max_steps=cfg.steps, learning_rate=cfg.lr, lr_scheduler_type="constant",
         per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations, gradient_accumulation_steps=1,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
@@ -382,6 +386,10 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
             owner.generate = saved_generate
         model.train(was_training)
     wall = time.time() - t0
+    broken = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise FloatingPointError(f"GRPO left non-finite weights in {len(broken)} tensors ({broken[:3]}...); "
+                                 f"run config in {out / 'config.json'}")
     atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     atomic_write_text(out / "invocation.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     log.info("stage 2: %d GRPO steps in %.0f s; invocation rate %s -> %s", steps, wall,
@@ -398,7 +406,7 @@ def _decision_only(model: torch.nn.Module, think: int):
     w.requires_grad_(True)
     mask = torch.zeros_like(w)
     mask[think] = 1.0
-    handle = w.register_hook(lambda g: g * mask)
+    handle = w.register_hook(lambda g: g * mask.to(g.device, g.dtype))  # trl may move the model to a GPU
 
     def restore() -> None:
         handle.remove()

@@ -105,7 +105,7 @@ class Stage1Model(torch.nn.Module):
                 targets: dict | None):
         """(summed next-token loss, #label tokens, e(q + r*), e(q), e(targets)); parts given as None are skipped."""
         base = base_model(self.model)
-        lm_sum, n_lab, e_r = torch.zeros(()), 0, None
+        lm_sum, n_lab, e_r = torch.zeros((), device=self.model.device), 0, None
         if reasoned is not None:
             states = base(**reasoned, use_cache=False).last_hidden_state
             logits = self.model.lm_head(states[:, :-1])

@@ -110,7 +110,7 @@ def run_loop(module: torch.nn.Module, step_fn: Callable[[int, torch.nn.Module], 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start = 0
     if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")  # a GPU run resumes on a CPU too
         if state.get("n_params") != sum(p.numel() for p in params):
             raise ValueError(f"{ckpt}: checkpoint does not match this model (another architecture or size)")
         module.load_state_dict(state["model"])

@@ -24,7 +24,7 @@ def make_backbone(tokenizer):
     from mmemb_lab.backbone import TinySpec, build_tiny
 
     def make(arch="qwen3_vl", seed=0):
-        bb = build_tiny(TinySpec(arch=arch, **SMALL), tokenizer, seed=seed)
+        bb = build_tiny(TinySpec(arch=arch, **SMALL), tokenizer, seed=seed, device="cpu")  # GPU: tests/test_gpu.py
         bb.model.eval()
         return bb
     return make

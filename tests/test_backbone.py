@@ -65,7 +65,7 @@ def test_embedding_token_is_last_position(backbone):
 
 def test_save_load_round_trip_exact(backbone, tmp_path):
     backbone.save(tmp_path / "ck")
-    loaded = load_backbone(tmp_path / "ck")
+    loaded = load_backbone(tmp_path / "ck", device=backbone.device)  # the fixture's device (the CPU)
     a = dict(backbone.model.state_dict())
     b = dict(loaded.model.state_dict())
     assert a.keys() == b.keys()

@@ -30,6 +30,11 @@ class Skill:
     question: str
     visual: object  # Scene | Video | Page | None
     answer: str
+    reads: tuple[int, ...] = ()
+    """For a content search: the merged image tokens (indexed over the input's images in order, 9 per
+    scene or frame, 8 per page) that hold what the answer states - where a reader must look."""
+    reads_after: str = ""
+    """The answer prefix after which the answer states what is read there ("triangle:" ...)."""
 
 
 def describe_scene(rng) -> Skill:
@@ -52,10 +57,14 @@ def video_event(rng) -> Skill:
     hard = bool(rng.random() < 0.5)
     v, path, _ = video_scene_chain(rng, hard)
     if rng.random() < 0.5:
-        return Skill("video_first", "which object appears first?", v, f"appears: {obj_at(v.frames[-1], path[0])}.")
+        # the anchor appears in frame 2 and stays: its token in frames 2 and 3
+        return Skill("video_first", "which object appears first?", v, f"appears: {obj_at(v.frames[-1], path[0])}.",
+                     (9 + path[0], 18 + path[0]), "appears:")
     t = int(rng.integers(2))
-    return Skill("video_event", f"what happens between frame {t + 1} and frame {t + 2}?", v,
-                 v.events[t].describe())
+    ev = v.events[t]
+    reads = tuple(i for i in (None if ev.src is None else 9 * t + ev.src,
+                              None if ev.dst is None else 9 * (t + 1) + ev.dst) if i is not None)
+    return Skill("video_event", f"what happens between frame {t + 1} and frame {t + 2}?", v, ev.describe(), reads)
 
 
 def cell_fact(scene: Scene, pos: int) -> str:
@@ -76,7 +85,8 @@ def find_shape(rng) -> Skill:
         uniq = [sh for sh in SHAPES if len(s.where(shape=sh)) == 1]
         if uniq:
             sh = uniq[int(rng.integers(len(uniq)))]
-            return Skill("find_shape", f"where is the {sh}?", s, f"{sh}: {obj_at(s, s.where(shape=sh)[0])}.")
+            cell = s.where(shape=sh)[0]
+            return Skill("find_shape", f"where is the {sh}?", s, f"{sh}: {obj_at(s, cell)}.", (cell,), f"{sh}:")
     raise RuntimeError("no unique shape")  # pragma: no cover
 
 
@@ -93,14 +103,15 @@ def find_other(rng) -> Skill:
         if pairs:
             i, j, v = pairs[int(rng.integers(len(pairs)))]
             return Skill("find_other", f"which other object is {v}, besides {POSITIONS[i]}?", s,
-                         f"other {v}: {obj_at(s, j)}.")
+                         f"other {v}: {obj_at(s, j)}.", (j,), f"other {v}:")
     raise RuntimeError("no pair")  # pragma: no cover
 
 
 def read_page(rng) -> Skill:
     p = random_page(rng)
-    k, d = p.rows[int(rng.integers(len(p.rows)))]
-    return Skill("read_page", f"what is {k}?", p, f"{k} is {d}.")
+    r = int(rng.integers(len(p.rows)))
+    k, d = p.rows[r]
+    return Skill("read_page", f"what is {k}?", p, f"{k} is {d}.", (2 * r + 1,), f"{k} is")  # row r: key, digit
 
 
 def text_op(rng) -> Skill:

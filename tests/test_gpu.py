@@ -1,0 +1,136 @@
+"""The GPU code path: the same functions as on the CPU, with the model on a CUDA device.
+
+Skipped where there is no GPU (CI, the CPU workbench). On a GPU machine, ``pytest tests/test_gpu.py``
+checks that batches follow the model onto the device, that results come back on the CPU, that the
+numbers agree with the CPU run of the same weights, and that a checkpoint written on the GPU resumes
+on the CPU.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def exact_matmul():
+    """fp32 matmuls without TF32, so GPU and CPU agree to ~1e-5."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _queries(n=24):
+    from mmemb_lab.data import item_query
+    from mmemb_lab.world.tasks import DATASETS, make_item
+
+    names = sorted(DATASETS)
+    return [make_item(names[i % len(names)], 0, "eval", i, 0.65) for i in range(n)], item_query
+
+
+def _pair():
+    """The committed foundation in fp32 on the CPU and on the GPU (the same weights)."""
+    from mmemb_lab.foundation import load_foundation
+    from mmemb_lab.paths import foundation_dir
+
+    return tuple(load_foundation(foundation_dir(), dtype=torch.float32, device=d)[0] for d in ("cpu", "cuda"))
+
+
+def test_built_tiny_lands_on_the_gpu_and_collate_follows(tokenizer):
+    from mmemb_lab.backbone import TinySpec, build_tiny
+    from mmemb_lab.embed import Input, collate
+
+    bb = build_tiny(TinySpec(hidden=64, layers=2, heads=2, kv_heads=1, ffn=128, vision_dim=32, vision_depth=1,
+                             vision_heads=1), tokenizer)
+    assert bb.device.type == "cuda"
+    batch = collate(bb, [Input("what is at top-left?")])
+    assert all(v.device.type == "cuda" for v in batch.values())
+    assert all(v.device.type == "cpu" for v in collate(bb, [Input("x")], device="cpu").values())
+
+
+def test_embeddings_on_gpu_match_cpu():
+    from mmemb_lab.embed import embed
+
+    cpu, gpu = _pair()
+    items, item_query = _queries()
+    inputs = [item_query(it) for it in items]
+    e_cpu, e_gpu = embed(cpu, inputs), embed(gpu, inputs)
+    assert e_gpu.device.type == "cpu"  # results come back to the CPU
+    assert torch.allclose(e_cpu, e_gpu, atol=2e-4), float((e_cpu - e_gpu).abs().max())
+
+
+def test_generation_and_gate_on_gpu_match_cpu():
+    from mmemb_lab.gate import gate_forward
+    from mmemb_lab.inference import generate_rationales
+
+    cpu, gpu = _pair()
+    items, item_query = _queries(16)
+    inputs = [item_query(it) for it in items]
+    g_cpu, g_gpu = generate_rationales(cpu, inputs, 24), generate_rationales(gpu, inputs, 24)
+    same = np.mean([a == b for a, b in zip(g_cpu.texts, g_gpu.texts)])
+    assert same >= 0.9, (g_cpu.texts, g_gpu.texts)  # greedy ties may break differently, rarely
+    o_cpu, o_gpu = gate_forward(cpu, inputs), gate_forward(gpu, inputs)
+    assert o_gpu.p_open.device.type == "cpu"
+    assert torch.allclose(o_cpu.p_open, o_gpu.p_open, atol=1e-4)
+
+
+def test_load_backbone_on_gpu_keeps_the_checkpoint_dtype_and_bf16_is_close_to_fp32():
+    from mmemb_lab.backbone import load_backbone
+    from mmemb_lab.embed import embed
+    from mmemb_lab.paths import foundation_dir
+
+    own = load_backbone(foundation_dir())  # the tiny checkpoint is fp32 (a Qwen-VL release: bf16)
+    assert own.device.type == "cuda" and next(own.model.parameters()).dtype == torch.float32
+    bf = load_backbone(foundation_dir(), dtype=torch.bfloat16)
+    assert next(bf.model.parameters()).dtype == torch.bfloat16
+    fp = load_backbone(foundation_dir(), dtype=torch.float32, device="cpu")
+    items, item_query = _queries()
+    inputs = [item_query(it) for it in items]
+    cos = (embed(bf, inputs) * embed(fp, inputs)).sum(-1)
+    assert float(cos.min()) > 0.97, cos
+
+
+def test_foundation_trains_on_gpu_with_the_search_term_and_resumes_on_cpu(tmp_path, monkeypatch):
+    from mmemb_lab.backbone import TinySpec
+    from mmemb_lab.foundation import FoundationConfig, train_foundation
+    from mmemb_lab.train import LoopConfig, read_metrics
+
+    cfg = FoundationConfig(spec=TinySpec(hidden=64, layers=2, heads=2, kv_heads=1, ffn=128, vision_dim=32,
+                                         vision_depth=1, vision_heads=1, vocab_size=400),
+                           loop=LoopConfig(steps=6, warmup=1, ckpt_every=3), gen_batch=8, nce_batch=8,
+                           gen_batch_nce=8, see_steps=1, frame_phase=2, read_phase=2, skill_phase=3,
+                           search_phase=3, tokenizer_corpus=300)
+    train_foundation(tmp_path / "f", cfg, stop_after=4)
+    rows = read_metrics(tmp_path / "f.work")
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    assert any("search" in r for r in rows)
+    ckpt = torch.load(tmp_path / "f.work" / "checkpoint.pt", weights_only=False, map_location="cpu")
+    assert ckpt["step"] == 3
+    import mmemb_lab.distributed as distributed
+
+    monkeypatch.setattr(distributed, "default_device", lambda: torch.device("cpu"))
+    bb = train_foundation(tmp_path / "f", cfg)  # the GPU checkpoint resumes on the CPU and finishes
+    assert bb.device.type == "cpu" and read_metrics(tmp_path / "f.work")[-1]["step"] == 6
+
+
+def test_stage1_chunked_and_unchunked_gradients_agree_on_gpu():
+    from mmemb_lab.foundation import load_foundation
+    from mmemb_lab.paths import foundation_dir
+    from mmemb_lab.stage1 import Stage1Config, Stage1Model, make_step_fn
+    from mmemb_lab.world.tasks import DATASETS, make_item
+
+    bb, _ = load_foundation(foundation_dir(), dtype=torch.float32)
+    names = sorted(DATASETS)
+    data = [(make_item(names[i % 8], 0, "train", i, 0.65), None) for i in range(16)]
+    data = [(it, " ".join(it.gold_steps) if it.needs_reasoning else None) for it, _ in data]
+    grads = []
+    for chunk in (0, 4):
+        bb.model.zero_grad(set_to_none=True)
+        out = make_step_fn(bb, data, Stage1Config(batch_size=8, chunk_size=chunk), seed=0)(0, Stage1Model(bb.model))
+        if not out.get("backward_done"):
+            out["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in bb.model.parameters() if p.grad is not None]))
+    assert grads[0].is_cuda
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-3), float((grads[0] - grads[1]).abs().max())
