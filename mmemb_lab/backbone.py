@@ -27,6 +27,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from . import distributed
+
 log = logging.getLogger(__name__)
 
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -181,11 +183,9 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 def build_tiny(spec: TinySpec, tokenizer: PreTrainedTokenizerFast, seed: int = 0,
                video_mode: str = "frames_as_images", device: torch.device | str | None = None) -> Backbone:
     """A tiny model from config (fp32), on ``device`` (default: this process's GPU if any, else the CPU)."""
-    from .distributed import default_device
-
     cls, cfg = tiny_config(spec, tokenizer)
     torch.manual_seed(seed)
-    model = cls._from_config(cfg, attn_implementation="sdpa").to(device or default_device())
+    model = cls._from_config(cfg, attn_implementation="sdpa").to(device or distributed.default_device())
     return Backbone(model, tokenizer, image_processor_for(spec.arch), spec.arch, "tiny", video_mode)
 
 
@@ -215,10 +215,8 @@ def load_backbone(path_or_id: str | Path, expect_arch: str | None = None, lora: 
         raise CheckpointError(f"{src}: checkpoint is {arch!r} but this run expects {expect_arch!r}")
     if dtype is None:  # on a GPU the checkpoint's own dtype (bf16 for the real ones), on the CPU fp32
         dtype = "auto" if torch.cuda.is_available() else torch.float32
-    from .distributed import default_device
-
     model = getattr(transformers, ARCHS[arch][0]).from_pretrained(
-        src, dtype=dtype, attn_implementation=attn_implementation()).to(device or default_device())
+        src, dtype=dtype, attn_implementation=attn_implementation()).to(device or distributed.default_device())
     tokenizer = AutoTokenizer.from_pretrained(src, padding_side="left")
     missing = [t for t in OUR_SPECIAL if t not in tokenizer.get_vocab()]
     if missing:  # a real checkpoint: add our span/embedding tokens and grow the embedding table

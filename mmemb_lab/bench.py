@@ -87,7 +87,7 @@ for step in range(4):
     if not out.get("backward_done"):
         opt.zero_grad(); out["loss"].backward()
     opt.step()
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    if torch.cuda.is_available(): torch.cuda.synchronize()
     times.append(time.perf_counter() - t)
 print(json.dumps({"samples_per_s": batch / min(times[1:]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   **({"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {})}))

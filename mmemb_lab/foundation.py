@@ -228,8 +228,8 @@ def world_fingerprint(tokenizer) -> str:
         h.update(repr((it.query_inst, it.query_text, it.answer, it.gold_steps, it.candidates)).encode())
     rng = np.random.default_rng(0)
     for _ in range(20):
-        s = sample_skill(rng)  # what the world generates; the fields added for training (reads) stay out
-        h.update(f"Skill(kind={s.kind!r}, question={s.question!r}, visual={s.visual!r}, answer={s.answer!r})".encode())
+        s = sample_skill(rng)
+        h.update(repr(s).encode())
     h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -289,19 +289,24 @@ def search_targets(backbone: Backbone, batch: dict, skills: list) -> list[tuple[
     length = batch["input_ids"].shape[1]
     out = []
     for i, sk in enumerate(skills):
-        if not getattr(sk, "reads", ()):
+        if not sk.reads:
             continue
-        n = len(backbone.tokenizer(sk.answer[len(sk.reads_after):] + "<|im_end|>", add_special_tokens=False)["input_ids"])
+        said = sk.answer[len(sk.reads_after):] + "<|im_end|>"
+        n = len(backbone.tokenizer(said, add_special_tokens=False)["input_ids"])
         img = (batch["input_ids"][i] == pad).nonzero().flatten().tolist()
         out.append((i, length - n - 1, length - 1, [img[r] for r in sk.reads]))
     return out
 
 
+def read_mass(attn: torch.Tensor, targets: list[tuple[int, int, int, list[int]]], head: int) -> list[torch.Tensor]:
+    """Per target, the attention mass ``head`` puts on the read tokens at each of the answer's query
+    positions; ``attn``: (batch, heads, query, key) probabilities of one layer."""
+    return [attn[i, head, q0:q1][:, keys].sum(-1) for i, q0, q1, keys in targets]
+
+
 def search_loss(attn: torch.Tensor, targets: list[tuple[int, int, int, list[int]]], head: int) -> torch.Tensor:
-    """Mean over targets of -log(attention mass of ``head`` on the read tokens), averaged over the
-    answer's query positions; ``attn``: (batch, heads, query, key) probabilities of one layer."""
-    terms = [-torch.log(attn[i, head, q0:q1][:, keys].sum(-1).clamp(min=1e-6)).mean() for i, q0, q1, keys in targets]
-    return torch.stack(terms).mean()
+    """Mean over targets of -log(``read_mass``), averaged over the answer's query positions."""
+    return torch.stack([-torch.log(m.clamp(min=1e-6)).mean() for m in read_mass(attn, targets, head)]).mean()
 
 
 def search_attention(backbone: Backbone, inputs: list[Input], skills: list, answers: list[str], layer: int,
@@ -316,7 +321,7 @@ def search_attention(backbone: Backbone, inputs: list[Input], skills: list, answ
         with torch.no_grad():
             attn = base_model(model)(**batch, use_cache=False, output_attentions=True).attentions[layer]
         targets = search_targets(backbone, batch, skills)
-        return float(np.mean([float(attn[i, head, q0:q1][:, keys].sum(-1).mean()) for i, q0, q1, keys in targets]))
+        return float(np.mean([float(m.mean()) for m in read_mass(attn, targets, head)]))
     finally:
         model.set_attn_implementation(previous)
 

@@ -13,7 +13,7 @@ Used by: ``mmemb_lab.foundation`` (stage 0) and the tokenizer corpus.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,10 +30,10 @@ class Skill:
     question: str
     visual: object  # Scene | Video | Page | None
     answer: str
-    reads: tuple[int, ...] = ()
+    reads: tuple[int, ...] = field(default=(), repr=False)  # training fields: not in the repr (nor the fingerprint)
     """For a content search: the merged image tokens (indexed over the input's images in order, 9 per
     scene or frame, 8 per page) that hold what the answer states - where a reader must look."""
-    reads_after: str = ""
+    reads_after: str = field(default="", repr=False)
     """The answer prefix after which the answer states what is read there ("triangle:" ...)."""
 
 
