@@ -156,17 +156,29 @@ def encode(backbone: Backbone, inputs: Sequence[Input]) -> torch.Tensor:
 
 @torch.no_grad()
 def embed(backbone: Backbone, inputs: Sequence[Input], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Embed many inputs in batches, without gradients; (n, hidden), unit norm."""
+    """Embed many inputs in batches, without gradients; (n, hidden), unit norm, in input order.
+
+    Batches are formed from inputs of similar length (``length_key``), so little of a batch is padding;
+    an input's embedding does not depend on its batch (tests/test_backbone.py)."""
     from tqdm.auto import tqdm
 
     was_training = backbone.model.training
     backbone.model.eval()
+    order = sorted(range(len(inputs)), key=lambda i: length_key(inputs[i]))
     out = []
     starts = range(0, len(inputs), batch_size)
     for s in tqdm(starts, desc="embed", disable=not progress, leave=False):
-        out.append(encode(backbone, inputs[s:s + batch_size]).cpu())  # results live on the CPU
+        out.append(encode(backbone, [inputs[i] for i in order[s:s + batch_size]]).cpu())  # results live on the CPU
     backbone.model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, backbone.model.config.text_config.hidden_size)
+    if not out:
+        return torch.zeros(0, backbone.model.config.text_config.hidden_size)
+    return torch.cat(out)[torch.argsort(torch.tensor(order))]
+
+
+def length_key(inp: Input) -> int:
+    """A cheap proxy of an input's token count, for grouping inputs of similar length: words of its
+    instruction, text and rationale, plus 10 per image."""
+    return len(f"{inp.instruction} {inp.text} {inp.rationale or ''}".split()) + 10 * len(inp.images())
 
 
 class Embedder(torch.nn.Module):

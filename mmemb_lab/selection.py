@@ -9,6 +9,8 @@ Concept
         removal:  gain_k = C(q + r_k, t+) - C(q, t+)                 do(r = nothing): the direct embedding
         swap:     gain_k = C(q + r_k, t+) - C(q + r_swap, t+)        do(r = the same worker's rationale
                                                                       written for ANOTHER query)
+        swap_max: gain_k = C(q + r_k, t+) - max_j C(q + r_swap_j, t+) do(r = the best of ANOTHER query's
+                                                                      rationales, any worker): a baseline
 
     Intuition: removal credits everything a rationale does, including the mere presence of
     reasoning-shaped text; swap keeps the format and changes only the content, so a rationale whose
@@ -85,14 +87,23 @@ class GainTable:
     def gain_swap(self) -> np.ndarray:
         return self.logp_with - self.logp_swap
 
+    @property
+    def gain_swap_max(self) -> np.ndarray:
+        """Gain against the STRONGEST rationale written for the partner query (any worker's, valid ones):
+        one intervention per pair, shared by all its candidates."""
+        swapped = np.where(self.valid, np.nan_to_num(self.logp_swap, nan=-np.inf), -np.inf).max(axis=1)
+        return self.logp_with - swapped[:, None]
+
     def gains(self, variant: str) -> np.ndarray:
         if variant == "removal":
             return self.gain_removal
         if variant == "swap":
             return self.gain_swap
+        if variant == "swap_max":
+            return self.gain_swap_max
         if variant == "both":
             return np.minimum(self.gain_removal, self.gain_swap)
-        raise ValueError(f"unknown counterfactual {variant!r}: removal, swap or both")
+        raise ValueError(f"unknown counterfactual {variant!r}: removal, swap, swap_max or both")
 
 
 def swap_partners(datasets: Sequence[str], targets: Sequence | None = None) -> np.ndarray:
@@ -374,7 +385,7 @@ class SelectionConfig:
     tau: float = TAU
     """Gain threshold (nats of log p(t+)); ours: ln 2, i.e. the rationale must double p(t+ | q)."""
     variant: str = "swap"
-    """Counterfactual used for the selection: "swap" (ours, recommended), "removal" or "both"."""
+    """Counterfactual used for the selection: "swap" (ours, recommended), "removal", "both" or "swap_max"."""
     temperature: float = 0.05
     """Evaluator InfoNCE temperature for the pair-aware confidence."""
     own_worker: bool = True
@@ -409,7 +420,8 @@ def run_selection(evaluator: Backbone, world_seed: int, hard_fraction: float, cf
     pairs = toy_pairs(items, rats, seed=world_seed)
     table = score_pairs(evaluator, pairs, cfg.temperature, progress=progress)
     sels = {cfg.variant: select(table, cfg.variant, cfg.tau), "removal_only": select(table, "removal", cfg.tau),
-            "both": select(table, "both", cfg.tau), "random_worker": random_worker(table, world_seed)}
+            "both": select(table, "both", cfg.tau), "swap_max": select(table, "swap_max", cfg.tau),
+            "random_worker": random_worker(table, world_seed)}
     lines = []
     for i, p in enumerate(pairs):
         for j, r in enumerate(p.rationales):

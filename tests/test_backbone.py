@@ -7,7 +7,7 @@ import torch
 
 from mmemb_lab.backbone import EMB_TOKEN, QWEN_SPECIAL, CheckpointError, load_backbone
 from mmemb_lab.data import item_candidates, item_query
-from mmemb_lab.embed import Input, base_model, collate, embed
+from mmemb_lab.embed import Input, base_model, collate, embed, length_key
 from mmemb_lab.world.tasks import make_item
 
 
@@ -49,10 +49,12 @@ def test_embedding_is_post_norm(make_backbone):
     seen = {}
     hook = norm.register_forward_hook(lambda m, i, o: seen.update(pre=i[0].detach(), post=o.detach()))
     try:
-        ours = embed(bb, _inputs()[:3])
+        xs = _inputs()[:3]
+        ours = embed(bb, xs)
     finally:
         hook.remove()
     pre, post = seen["pre"][:, -1], seen["post"][:, -1]
+    ours = ours[sorted(range(len(xs)), key=lambda i: length_key(xs[i]))]  # embed batches inputs by length
     assert not torch.allclose(pre, post, atol=1e-3)  # the norm changes the state...
     assert torch.allclose(ours, torch.nn.functional.normalize(post, dim=-1), atol=1e-6)  # ...and we pool after it
     assert not torch.allclose(ours, torch.nn.functional.normalize(pre, dim=-1), atol=1e-3)

@@ -71,6 +71,18 @@ def test_swap_exposes_a_format_only_benefit():
     assert list(s.choice) == [0, 0]
 
 
+def test_swap_max_measures_every_candidate_against_the_strongest_swapped_rationale():
+    """swap_max: one intervention per pair (the best of the partner's valid rationales), so a wrong rationale
+    cannot pass just because its own worker's swap partner happened to be worse."""
+    pairs, table = _pairs()
+    t = score_pairs(_fake_embedder(table), pairs, temperature=0.1)
+    strongest = np.nanmax(np.where(t.valid, t.logp_swap, np.nan), axis=1)
+    assert np.allclose(t.gain_swap_max, t.logp_with - strongest[:, None])
+    assert (t.gain_swap_max <= t.gain_swap + 1e-9).all()      # never laxer than the per-worker swap
+    assert np.allclose(t.gains("swap_max"), t.gain_swap_max)
+    assert select(t, "swap_max").choice[1] == 0               # the good rationale still beats the other query's
+
+
 def test_swap_never_pairs_a_query_with_itself():
     ds = ["a", "a", "b", "a", "b", "c"]
     p = swap_partners(ds)

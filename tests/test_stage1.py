@@ -81,6 +81,33 @@ def test_chunked_stage1_step_matches_unchunked(make_backbone):
     bb.model.zero_grad()
 
 
+def test_length_buckets_give_the_one_batch_step(make_backbone):
+    """Forwards split into length buckets (rows re-ordered inside, put back after) give the loss and
+    gradients of one padded batch; the buckets hold every row once."""
+    from mmemb_lab.stage1 import length_buckets
+
+    bb = make_backbone(seed=9)
+    data = [(make_item(n, 0, "train", i, 0.6), None) for n in ("toy_qa", "toy_doc", "toy_video_qa") for i in range(2)]
+    data[0] = (data[0][0], " ".join(data[0][0].gold_steps) or "so it is.")
+    data[4] = (data[4][0], "after A is B. after B is C. after C is D. after D is E.")
+    queries = [item_query(it) for it, _ in data]
+    buckets = length_buckets(bb, queries, None, 3)
+    assert sorted(i for b in buckets for i in b) == list(range(6)) and len(buckets) == 3
+    module = Stage1Model(bb.model)
+    grads, losses = [], []
+    for n in (1, 3):
+        bb.model.zero_grad()
+        out = make_step_fn(bb, data, Stage1Config(batch_size=6, length_buckets=n), seed=2)(0, module)
+        out["loss"].backward()
+        losses.append(float(out["loss"]))
+        grads.append({k: p.grad.clone() for k, p in bb.model.named_parameters() if p.grad is not None})
+    assert abs(losses[0] - losses[1]) < 1e-5
+    assert grads[0].keys() == grads[1].keys()
+    worst = max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0])
+    assert worst < 1e-5, worst
+    bb.model.zero_grad()
+
+
 def test_a_stage1_checkpoint_is_resumed_only_by_the_run_that_wrote_it(make_backbone, tmp_path):
     import pytest
 
@@ -95,3 +122,8 @@ def test_a_stage1_checkpoint_is_resumed_only_by_the_run_that_wrote_it(make_backb
     other = [(data[0][0], "so it is."), *data[1:]]  # a different rationale: another run
     with pytest.raises(ValueError, match="other pairs"):
         train_stage1(bb, other, tmp_path, cfg)
+    # the demo's choice: the old run is moved aside whole, and the new one starts at step 0
+    old_files = sorted(p.name for p in tmp_path.iterdir())
+    assert train_stage1(bb, other, tmp_path, cfg, stale="archive").resumed_from == 0
+    (moved,) = tmp_path.parent.glob(f"{tmp_path.name}.stale-*")
+    assert sorted(p.name for p in moved.iterdir()) == old_files
