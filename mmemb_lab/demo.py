@@ -52,7 +52,8 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
 
     fpath = Path(foundation) if foundation else foundation_dir()
     if not (fpath / "foundation.json").exists():
-        log.warning("no foundation model at %s: training stage 0 (about 20 minutes on 2 cores)", fpath)
+        log.warning("no foundation model at %s: training stage 0 in this process (about 2.3 hours on 2 cores with "
+                    "the 2 processes of `make foundation`)", fpath)
         train_foundation(fpath)
     log.info("[2/7] stage-0 foundation from %s: measuring what it sees on held-out items", fpath)
     backbone, meta = load_foundation(fpath)

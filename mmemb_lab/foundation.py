@@ -157,6 +157,19 @@ class FoundationConfig:
     off) stayed at 0.3-0.45; skills-only training does it in 200 steps but drops the direct embedding's
     easy Hit@1 from 85.8 to 51.5. Weighting the search answers' tokens 10x or 30x in the next-token loss
     (300 steps, lr 3e-4) reached find_shape 0.67 / 0.71 but read_cell fell from 1.00 to 0.60. Open."""
+    answer_phase: int = 8600
+    """Step from which ``answer_weight`` applies (phase 6)."""
+    answer_weight: float = 1.0
+    """Weight, in the next-token loss, of the skill-answer tokens that the question does not contain (the
+    looked-up cell, colour, digit, sum...; every atomic skill alike, descriptions excluded); other labelled
+    tokens weigh 1 and the loss is the weighted mean (ours). Why: in a QA answer most tokens echo the
+    question ("8 plus 1 is 9"), so the one token that needs the skill is a tiny share of the loss.
+    Off by default (1.0): measured as a 400-step continuation of the committed 8600-step model (lr 3e-4,
+    loaded AdamW moments, full stage-0 mix; 24 questions per skill, seed 5), weight 5 / 20 took find_shape
+    from ~0.2 to 0.79 / 0.96, but read_cell fell to 0.88 / 0.62, plus / minus did not improve (0.6 / 0.0
+    and 0.2 / 0.0) and the direct embedding's easy Hit@1 fell from 85.8 to 80.7 / 79.3 (seed-0 world).
+    The same trade as weighting only the search answers: in this 3-layer model the content search
+    (find_shape) and the position lookup (read_cell) compete for the same readout."""
     search_layer: int = 1
     """Decoder layer whose attention the search term supervises (0-based; needs the eager attention)."""
     search_head: int = 0
@@ -181,7 +194,7 @@ class Stage0(torch.nn.Module):
         lm, aux, frame, found = lm_loss(None, self.model, gen["batch"], gen["labels"], self.head, gen["tok_labels"],
                                         self.pos_head, gen["tok_positions"], self.frame_head, gen.get("frame_labels"),
                                         gen.get("frame_layer", 1), gen.get("search"), gen.get("search_layer", 1),
-                                        gen.get("search_head", 0))
+                                        gen.get("search_head", 0), gen.get("weights"))
         out = {"lm": lm, "aux": aux}
         if frame is not None:
             out["frame"] = frame
@@ -279,6 +292,20 @@ def answer_labels(backbone: Backbone, batch: dict, answers: list[str]) -> torch.
     return labels
 
 
+def answer_weights(backbone: Backbone, labels: torch.Tensor, skills: list, weight: float) -> torch.Tensor:
+    """Per-position loss weights: ``weight`` on labelled answer tokens of atomic skills whose id is not in
+    the question, 1 elsewhere (descriptions keep 1 throughout)."""
+    w = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+    for i, sk in enumerate(skills):
+        if sk.kind.startswith("describe"):
+            continue
+        asked = torch.tensor(backbone.tokenizer(sk.question, add_special_tokens=False)["input_ids"],
+                             device=labels.device)
+        new = (labels[i] != -100) & ~torch.isin(labels[i], asked)
+        w[i, new] = weight
+    return w
+
+
 def search_targets(backbone: Backbone, batch: dict, skills: list) -> list[tuple[int, int, int, list[int]]]:
     """For every skill with ``reads``: (row, first query position, end query position, key positions).
 
@@ -330,8 +357,10 @@ def lm_loss(backbone: Backbone | None, model: torch.nn.Module, batch: dict, labe
             tok_labels: list[int] | None = None, pos_head=None, tok_positions: list[int] | None = None,
             frame_head=None, frame_targets: torch.Tensor | None = None, frame_layer: int = 1,
             search: list | None = None, search_layer: int = 1, search_head: int = 0,
+            weights: torch.Tensor | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Next-token loss on labelled positions, the attribute-head loss on image tokens, (when
+    """Next-token loss on labelled positions (a ``weights``-weighted mean when given), the attribute-head
+    loss on image tokens, (when
     ``frame_targets`` has labels) the frame-index loss on the decoder state after ``frame_layer``, and
     (when ``search`` has targets, eager attention only) the search-attention loss."""
     base = base_model(model)
@@ -351,7 +380,13 @@ def lm_loss(backbone: Backbone | None, model: torch.nn.Module, batch: dict, labe
     res = base(**kw, use_cache=False, output_hidden_states=want_frames, output_attentions=bool(search))
     states = res.last_hidden_state
     logits = model.lm_head(states[:, :-1]) if hasattr(model, "lm_head") else model.get_output_embeddings()(states[:, :-1])
-    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    if weights is None:
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    else:
+        lab = labels[:, 1:].reshape(-1)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab, ignore_index=-100, reduction="none")
+        w = weights[:, 1:].reshape(-1) * (lab != -100)
+        lm = (ce * w).sum() / w.sum().clamp(min=1e-6)
     frame = None
     if want_frames:
         h = res.hidden_states[frame_layer]
@@ -452,6 +487,8 @@ def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
                 backbone.model.set_attn_implementation("eager")
             gen.update(search=search_targets(backbone, batch, skills), search_layer=cfg.search_layer,
                        search_head=cfg.search_head)
+        if step >= cfg.answer_phase and cfg.answer_weight != 1.0:
+            gen["weights"] = answer_weights(backbone, gen["labels"], skills, cfg.answer_weight)
         nce = None
         if step >= cfg.see_steps and cfg.nce_weight > 0:
             qs, ps, ns, ids, nids, answers = contrastive_batch(cfg, seed, step, cfg.nce_batch // world)

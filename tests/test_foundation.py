@@ -227,3 +227,27 @@ def test_search_targets_point_at_the_answer_tokens_and_the_read_cells(backbone):
     assert backbone.tokenizer.decode(ids[q0 + 1:q1 + 1]).strip() == sk[0].answer.split(":", 1)[1].strip() + "<|im_end|>"
     pads = (ids == backbone.token_id("<|image_pad|>")).nonzero().flatten().tolist()
     assert keys == [pads[sk[0].reads[0]]] and sk[0].visual.cells[sk[0].reads[0]].shape == sk[0].answer.split(":")[0]
+
+
+def test_answer_weights_mark_only_what_the_question_does_not_say(backbone):
+    """Skill answers: tokens absent from the question get the weight (the sum, the found cell...); echoed
+    tokens and descriptions keep 1; the weighted loss equals the plain mean when the weight is 1."""
+    from mmemb_lab.data import to_pil
+    from mmemb_lab.embed import Input, collate
+    from mmemb_lab.foundation import answer_weights, lm_loss
+    from mmemb_lab.world.skills import Skill, describe_scene
+
+    skills = [Skill("plus", "what is 4 plus 3?", None, "4 plus 3 is 7."), describe_scene(np.random.default_rng(1))]
+    answers = [s.answer + "<|im_end|>" for s in skills]
+    batch = collate(backbone, [Input(s.question, to_pil(s.visual) if s.visual is not None else None) for s in skills],
+                    answers)
+    labels = answer_labels(backbone, batch, answers)
+    w = answer_weights(backbone, labels, skills, 5.0)
+    tok = backbone.tokenizer
+    heavy = [tok.decode([int(t)]).strip() for t in labels[0][w[0] == 5.0]]
+    assert "7" in heavy and not {"4", "plus", "3", "is"} & set(heavy), heavy
+    assert (w[1] == 1).all() and (w[0][labels[0] == -100] == 1).all()
+    plain = lm_loss(None, backbone.model, batch, labels)[0]
+    same = lm_loss(None, backbone.model, batch, labels, weights=torch.ones_like(w))[0]
+    assert torch.allclose(plain, same, atol=1e-6)
+    assert not torch.allclose(plain, lm_loss(None, backbone.model, batch, labels, weights=w)[0])
