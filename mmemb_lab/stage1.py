@@ -288,8 +288,8 @@ def _check_resumable(out: Path, data: list[tuple[Item, str | None]], cfg: Stage1
 
     Writes ``run.json`` (a digest of the training set and config) next to the checkpoint; a later call with
     other data (a new selection, another ablation) raises instead of silently continuing the old run, or
-    (``stale="archive"``, what the demo does) moves the old run aside to ``<out>.stale-<digest>`` and
-    starts afresh: nothing is lost, nothing is mixed."""
+    (``stale="archive"``, what the demo does; one process only) moves the old run aside to
+    ``<out>.stale-<digest>`` and starts afresh: nothing is lost, nothing is mixed."""
     import hashlib
     import os
 
@@ -301,7 +301,7 @@ def _check_resumable(out: Path, data: list[tuple[Item, str | None]], cfg: Stage1
     stamp = out / "run.json"
     old = json.loads(stamp.read_text())["digest"] if stamp.exists() else digest
     if old != digest:
-        if stale != "archive":
+        if stale != "archive" or distributed.world_size() > 1:  # ranks must not race to move the folder
             raise ValueError(f"{out} holds a stage-1 run on other pairs, rationales or settings; delete it (or "
                              "choose another output folder) to train this one")
         dest, k = out.with_name(f"{out.name}.stale-{old}"), 1
