@@ -31,6 +31,10 @@ def _foundation(a) -> None:
     cfg = FoundationConfig()
     if a.steps:
         cfg = replace(cfg, loop=replace(cfg.loop, steps=a.steps))
+    if a.answer_weight is not None:
+        cfg = replace(cfg, answer_weight=a.answer_weight)
+    if a.answer_phase is not None:
+        cfg = replace(cfg, answer_phase=a.answer_phase)
     with distributed.init_from_env():
         train_foundation(a.out, cfg, seed=a.seed, resume=not a.no_resume)
     if distributed.is_main():
@@ -165,6 +169,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=0, help="override the number of steps")
     s.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    s.add_argument("--answer-weight", type=float, default=None,
+                   help="weight of skill-answer tokens the question does not contain (FoundationConfig.answer_weight)")
+    s.add_argument("--answer-phase", type=int, default=None, help="step from which --answer-weight applies")
     s.set_defaults(fn=_foundation)
 
     for name, fn, helptext in (("train", _train, "contrastive fine-tuning on a world's training rows"),
