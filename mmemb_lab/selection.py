@@ -89,9 +89,9 @@ class GainTable:
 
     @property
     def gain_swap_max(self) -> np.ndarray:
-        """Gain against the STRONGEST rationale written for the partner query (any worker's, valid ones):
-        one intervention per pair, shared by all its candidates."""
-        swapped = np.where(self.valid, np.nan_to_num(self.logp_swap, nan=-np.inf), -np.inf).max(axis=1)
+        """Gain against the STRONGEST rationale written for the partner query (any worker's usable one; an
+        unusable partner rationale has no logp_swap): one intervention per pair, shared by its candidates."""
+        swapped = np.nan_to_num(self.logp_swap, nan=-np.inf).max(axis=1)
         return self.logp_with - swapped[:, None]
 
     def gains(self, variant: str) -> np.ndarray:
