@@ -169,7 +169,20 @@ class FoundationConfig:
     from ~0.2 to 0.79 / 0.96, but read_cell fell to 0.88 / 0.62, plus / minus did not improve (0.6 / 0.0
     and 0.2 / 0.0) and the direct embedding's easy Hit@1 fell from 85.8 to 80.7 / 79.3 (seed-0 world).
     The same trade as weighting only the search answers: in this 3-layer model the content search
-    (find_shape) and the position lookup (read_cell) compete for the same readout."""
+    (find_shape) and the position lookup (read_cell) compete for the same readout.
+    From scratch it is another story. The full 8600-step schedule, 2 gloo processes, with weight 5 from
+    step 6600 (``mmemb-lab foundation --answer-weight 5 --answer-phase 6600``; 48 questions per skill,
+    seeds 20000 / 20001) reaches find_shape 0.98 / 1.00, find_other 0.63 / 0.54, plus 0.89 / 0.71, minus
+    0.60 / 0.58, read_cell 0.94 / 1.00, every description >= 0.98, and a stronger direct embedding: easy /
+    hard 86.1 / 72.0, 85.0 / 72.8, 85.6 / 74.3 on the seed 0 / 1 / 2 worlds (committed model: find_shape
+    0.13 / 0.25, direct 85.8 / 62.0, 82.1 / 58.3, 82.5 / 61.6). read_page (0.23 / 0.48) and video_event
+    (0.07 / 0.14) did not improve. Not committed, because it moves the problem into the world and the
+    evaluator: the direct path now solves most "hard" items (seed-0 hard Hit@1: gd 90.5, cls 86.2, qa
+    81.0), and as the selection evaluator it credits hallucinated final facts (demo seed 0: precision
+    0.861, hallucinating 13.9% of selections, gold-rationale gain on hard items 9.4 points; committed:
+    0.957, 4.3%, 23.9). Its stage-1 model's own rationales do better (always hard 35.7 vs 19.1) but still
+    open with the wrong anchor. No from-scratch run with weight 1 was finished to separate the weighting
+    from the from-scratch trajectory (the committed model was trained in segments)."""
     search_layer: int = 1
     """Decoder layer whose attention the search term supervises (0-based; needs the eager attention)."""
     search_head: int = 0

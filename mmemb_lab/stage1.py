@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN, Backbone
+from .backbone import EMB_TOKEN, THINK_OPEN, Backbone, reasoning_span
 from .contrastive import info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
@@ -84,7 +84,7 @@ class Stage1Config:
 
 def assistant_target(rationale: str | None) -> str:
     """What the model should write after the prompt: a reasoning span (or nothing), then ``<|emb|>``."""
-    return (f"{THINK_OPEN}{rationale}{THINK_CLOSE}" if rationale else "") + EMB_TOKEN
+    return (reasoning_span(rationale) if rationale else "") + EMB_TOKEN
 
 
 def generation_labels(backbone: Backbone, batch: dict, targets: list[str]) -> torch.Tensor:
