@@ -35,22 +35,6 @@ QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>
                 "<|image_pad|>", "<|video_pad|>")
 THINK_OPEN, THINK_CLOSE, EMB_TOKEN = "<think>", "</think>", "<|emb|>"
 OUR_SPECIAL = (THINK_OPEN, THINK_CLOSE, EMB_TOKEN)
-
-
-def reasoning_span(rationale: str) -> str:
-    """The reasoning span as every prompt writes it: ``<think> r</think>``.
-
-    The space after ``<think>`` makes the rationale's first word the same token it is inside a sentence.
-    Without it, a byte-level BPE splits the word at the start of a span into pieces seen nowhere else (the
-    toy tokenizer writes "<think>star" as ``st ar`` but "the star" as ``Ġstar``).
-    Measured on the seed-0 demo's stage-1 model: the span's first token cost 3.2 / 5.1 / 4.2 nats on three
-    toy_cls rationales before the space and 3.1 / 4.2 / 2.2 after it (the same shape word closing the
-    clause cost 0.3-0.9). So the pieces were not the main reason the model names the wrong anchor ("circle:" for "from
-    the triangle ..."): 160 stage-1 steps do not teach it to copy the anchor. Decoders strip the space
-    (``inference.generate_rationales``, ``rewards``)."""
-    return f"{THINK_OPEN} {rationale}{THINK_CLOSE}"
-
-
 ARCHS = {
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", 16),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", 14),

@@ -112,18 +112,3 @@ def test_real_checkpoint_gets_our_tokens_and_resized_embeddings(make_backbone, t
     assert loaded.model.get_input_embeddings().weight.shape[0] == len(loaded.tokenizer) > n_before - 3
     e = embed(loaded, [Input("red star")])
     assert torch.allclose(e.norm(), torch.tensor(1.0))
-
-
-def test_a_rationale_opens_with_the_token_its_first_word_has_in_the_query(backbone):
-    """The span's first word must be the query's token, not pieces of it: a model that copies the anchor
-    from the query ("from the star ...") cannot copy a token it never saw (fails without the space in
-    ``reasoning_span``: "<think>star" is split into sub-word pieces by a byte-level BPE)."""
-    tok = backbone.tokenizer
-    item = make_item("toy_cls", 0, "eval", 0, 1.0)
-    anchor = item.gold_steps[0].split(":")[0]
-    query_ids = collate(backbone, [item_query(item)])["input_ids"][0].tolist()
-    anchor_ids = tok(" " + anchor, add_special_tokens=False)["input_ids"]
-    assert len(anchor_ids) == 1 and anchor_ids[0] in query_ids  # the anchor is one token of the query
-    ids = collate(backbone, [Input(item.query_text, rationale=" ".join(item.gold_steps))])["input_ids"][0].tolist()
-    think = ids.index(backbone.token_id("<think>"))
-    assert ids[think + 1] == anchor_ids[0]

@@ -2,7 +2,7 @@
 
 import torch
 
-from mmemb_lab.backbone import EMB_TOKEN, reasoning_span
+from mmemb_lab.backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN
 from mmemb_lab.data import item_query
 from mmemb_lab.embed import Input, collate, encode
 from mmemb_lab.stage1 import Stage1Config, Stage1Model, assistant_target, generation_labels, make_step_fn
@@ -17,7 +17,7 @@ def test_generation_labels_cover_only_the_reasoning_span(backbone):
     labels = generation_labels(backbone, batch, targets)
     tok = backbone.tokenizer
     span = tok.decode(labels[0][labels[0] != -100])
-    assert span == reasoning_span(rats[0])  # the span, not the prompt, image or <|emb|>
+    assert span == f"{THINK_OPEN}{rats[0]}{THINK_CLOSE}"  # the span, not the prompt, image or <|emb|>
     assert tok.decode(labels[1][labels[1] != -100]) == EMB_TOKEN  # no reasoning: only the decision token
     image_pad = backbone.token_id("<|image_pad|>")
     assert not ((labels != -100) & (batch["input_ids"] == image_pad)).any()
