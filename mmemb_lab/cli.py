@@ -35,6 +35,10 @@ def _foundation(a) -> None:
         cfg = replace(cfg, answer_weight=a.answer_weight)
     if a.answer_phase is not None:
         cfg = replace(cfg, answer_phase=a.answer_phase)
+    if a.reason_batch is not None:
+        cfg = replace(cfg, reason_batch=a.reason_batch)
+    if a.reason_phase is not None:
+        cfg = replace(cfg, reason_phase=a.reason_phase)
     with distributed.init_from_env():
         train_foundation(a.out, cfg, seed=a.seed, resume=not a.no_resume)
     if distributed.is_main():
@@ -172,6 +176,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--answer-weight", type=float, default=None,
                    help="weight of skill-answer tokens the question does not contain (FoundationConfig.answer_weight)")
     s.add_argument("--answer-phase", type=int, default=None, help="step from which --answer-weight applies")
+    s.add_argument("--reason-batch", type=int, default=None,
+                   help="chains of thought per step from --reason-phase on (FoundationConfig.reason_batch; 0 = off)")
+    s.add_argument("--reason-phase", type=int, default=None, help="step from which --reason-batch applies")
     s.set_defaults(fn=_foundation)
 
     for name, fn, helptext in (("train", _train, "contrastive fine-tuning on a world's training rows"),

@@ -17,7 +17,8 @@ Concept
     frame-index head from ``frame_phase``, reading spans (true observations, then the answer
     statement) from ``read_phase``, search-skill replay from ``skill_phase`` and the search-attention
     term from ``search_phase``. Multi-step rationales are kept out: the skills are single hops
-    (``mmemb_lab.world.skills``), chains are the later stages' job.
+    (``mmemb_lab.world.skills``), chains are the later stages' job. An optional phase that adds chains of
+    thought (``reason_batch``, off by default) was measured and not adopted.
 
 Deviations: a pretrained MLLM has no attribute head; ours is dropped after stage 0 (it is saved
 separately and not part of the backbone checkpoint). Nor is its attention supervised: the search term
@@ -46,7 +47,9 @@ from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
 from .train import LoopConfig, atomic_write_text, run_loop
 from .world.scenes import ORDINALS, POSITIONS, TOKEN_CLASSES, Page, Scene, Video, random_page, random_video
-from .world.skills import cell_fact, describe_frame, describe_page, describe_scene, sample_skill, text_op
+from .world.skills import (
+    cell_fact, describe_frame, describe_page, describe_scene, reason_chain, sample_skill, text_op,
+)
 from .world.tasks import DATASETS, make_item
 
 log = logging.getLogger(__name__)
@@ -185,6 +188,29 @@ class FoundationConfig:
     0.88 / 0.90, find_other 0.60 / 0.46, read_cell 1.00 and direct 85.6 / 73.2 (seed 0): most of the gain
     is the single from-scratch schedule, not the weighting; the committed model was trained in segments
     under growing schedules (``foundation.json`` history)."""
+    reason_phase: int = 8600
+    """Step from which ``reason_batch`` chains of thought join the next-token batch (phase 7)."""
+    reason_batch: int = 0
+    """Chains of thought per step (global) from ``reason_phase`` on (``world.skills.reason_chain``): a fresh
+    hard item asked "step by step: <query>" (no instruction, no reasoning span), answered with its gold
+    steps. Ours; off by default (0), and a change of design when on: every other phase keeps chains out so
+    that stage 1 teaches chaining. Why it was tried: on the committed model the gold rationales cost
+    3.9-4.1 nats per token on hard items whatever the context (0.9 for one-step easy rationales asked as a
+    plain question), the demo's stage 1 (160 steps) only brings its generation loss to 1.7, and the
+    rationales it then writes open with the wrong anchor, loop and never stop (stop 11, seed 0: always-mode
+    hard 21.7 against direct 57.1). A pretrained MLLM writes such chains before any embedding training.
+
+    Measured as a continuation of the committed 8600-step model (2 gloo processes; ``mmemb-lab foundation
+    --steps 9200 --reason-batch 16``, then ``--steps 10000 --reason-batch 32``; 16 hard eval items per
+    dataset, seed-0 world, greedy, "step by step" form): the chains come out in the right format at once,
+    and the text chains become right (last clause: t2i 0.81, video_ret 0.50, doc 0.50), but the visual
+    chains stay wrong (last clause 0.12-0.31): they chain find_shape / find_other, which this model does
+    at 0.25-0.37. ``make demo`` (seed 0) with the 10000-step model: always-mode hard 21.7 -> 28.5, first
+    rationale step 0.00 -> 0.14, direct easy / hard 84.6 / 57.1 -> 87.5 / 62.6; but in the reasoning
+    span the stage-1 model does not carry the skill over ("step step step ...", unclosed spans; its
+    own t2i chains: last clause 0.12), selection precision 0.956 -> 0.943 with 5.7% hallucinating picks,
+    gold-rationale gain 23.9 -> 21.1, sensitivity ratio 1.67 -> 1.54, and the descriptions erode (page
+    digit 1.00 -> 0.97 at save, 0.948 on the demo's held-out pages, under the 0.95 bar). Not adopted."""
     search_layer: int = 1
     """Decoder layer whose attention the search term supervises (0-based; needs the eager attention)."""
     search_head: int = 0
@@ -477,18 +503,28 @@ def near_miss(item, rng):
     return random_video(rng)
 
 
+def gen_skills(cfg: FoundationConfig, seed: int, step: int, world: int = 1) -> list:
+    """This rank's next-token examples at ``step``: the phase's skill mix, then (from ``reason_phase``)
+    chains of thought. A pure function of (seed, step, rank)."""
+    rng = np.random.default_rng([seed, step, distributed.rank(), 0])
+    weights = cfg.see_weights if step < cfg.see_steps else (cfg.frame_replay_weights if step >= cfg.frame_phase
+                                                             else None)
+    if step >= cfg.skill_phase:
+        weights = {**(weights or {}), **cfg.skill_replay_weights}
+    n_gen = cfg.gen_batch if step < cfg.see_steps else cfg.gen_batch_nce
+    skills = [sample_skill(rng, weights) for _ in range(n_gen // world)]
+    if step >= cfg.reason_phase and cfg.reason_batch > 0:
+        skills += [reason_chain(rng) for _ in range(cfg.reason_batch // world)]
+    return skills
+
+
 def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
     """Batches are a pure function of (seed, step, rank): resumable and identical across restarts."""
     world = max(1, distributed.world_size())
 
     def step_fn(step: int, module) -> dict:
-        rng = np.random.default_rng([seed, step, distributed.rank(), 0])
         phase2 = step >= cfg.frame_phase
-        weights = cfg.see_weights if step < cfg.see_steps else (cfg.frame_replay_weights if phase2 else None)
-        if step >= cfg.skill_phase:
-            weights = {**(weights or {}), **cfg.skill_replay_weights}
-        n_gen = cfg.gen_batch if step < cfg.see_steps else cfg.gen_batch_nce
-        skills = [sample_skill(rng, weights) for _ in range(n_gen // world)]
+        skills = gen_skills(cfg, seed, step, world)
         answers = [s.answer + "<|im_end|>" for s in skills]
         batch = collate(backbone, [Input(s.question, to_pil(s.visual)) for s in skills], answers)
         gen = {"batch": batch, "labels": answer_labels(backbone, batch, answers),

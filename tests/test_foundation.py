@@ -251,3 +251,29 @@ def test_answer_weights_mark_only_what_the_question_does_not_say(backbone):
     same = lm_loss(None, backbone.model, batch, labels, weights=torch.ones_like(w))[0]
     assert torch.allclose(plain, same, atol=1e-6)
     assert not torch.allclose(plain, lm_loss(None, backbone.model, batch, labels, weights=w)[0])
+
+
+def test_chains_of_thought_join_the_next_token_batch_at_the_reason_phase_only():
+    """Before ``reason_phase`` no example is multi-step; from it, ``reason_batch`` chains of thought join,
+    each a fresh hard item asked "step by step" and answered with exactly its gold steps."""
+    from mmemb_lab.foundation import FoundationConfig, gen_skills
+    from mmemb_lab.world.skills import REASON_PREFIX, SKILLS, reason_chain, sample_skill
+    from mmemb_lab.world.tasks import DATASETS
+
+    cfg = FoundationConfig(reason_phase=20, reason_batch=8)
+    assert FoundationConfig().reason_batch == 0  # off by default: the committed model never saw a chain
+    before, after = gen_skills(cfg, 0, 19), gen_skills(cfg, 0, 20)
+    assert not [s for s in before if s.kind == "reason_chain"]
+    chains = [s for s in after if s.kind == "reason_chain"]
+    assert len(chains) == 8 and len(after) == len(before) + 8
+    assert all(s.question.startswith(REASON_PREFIX) and s.answer.count(".") >= 2 for s in chains)
+    # the answer is the gold chain of the very item the question asks about
+    rng, twin = np.random.default_rng(4), np.random.default_rng(4)
+    s = reason_chain(rng)
+    names = sorted(DATASETS)
+    it = DATASETS[names[int(twin.integers(len(names)))]][0](twin, 0, True)
+    assert s.question == REASON_PREFIX + it.query_text and s.answer == " ".join(it.gold_steps)
+    # weight 0 in the default mix: the default draws (tokenizer corpus, fingerprint) never include it
+    rng = np.random.default_rng(0)
+    assert SKILLS["reason_chain"][1] == 0.0
+    assert not [k for k in (sample_skill(rng).kind for _ in range(500)) if k == "reason_chain"]

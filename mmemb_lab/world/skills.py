@@ -5,8 +5,10 @@ Concept
     of its steps is reliable, and in a prototype the *first* step of a rationale was the weak link
     (../shared/notes/tiny-vlm-from-scratch.md). So stage 0 trains every hop on its own, as single-step
     QA whose answer has exactly the shape of one rationale clause ("other red: centre red square."),
-    plus dense descriptions of scenes, frames and pages that teach the model to see. Multi-step
-    rationales are deliberately absent here: learning to chain is the later stages' job.
+    plus dense descriptions of scenes, frames and pages that teach the model to see. One skill is
+    multi-step: ``reason_chain`` (a chain of thought for a fresh hard item, "step by step: ..."), weight 0
+    in the default mix, used only by an optional stage-0 phase (``FoundationConfig.reason_batch``, off by
+    default; measured and not adopted - see there). Otherwise learning to chain is the later stages' job.
 
 Used by: ``mmemb_lab.foundation`` (stage 0) and the tokenizer corpus.
 """
@@ -21,7 +23,7 @@ from .scenes import (
     COLOURS, DIRECTIONS, LETTERS, POSITIONS, SHAPES, Page, Scene, Video, colour_after, letter_after,
     random_page, random_scene, random_video, step,
 )
-from .tasks import obj_at, video_scene_chain
+from .tasks import DATASETS, obj_at, video_scene_chain
 
 
 @dataclass(frozen=True)
@@ -136,11 +138,29 @@ def text_op(rng) -> Skill:
     return Skill("minus", f"what is {a} minus {b}?", None, f"{a} minus {b} is {a - b}.")
 
 
+REASON_PREFIX = "step by step: "
+
+
+def reason_chain(rng) -> Skill:
+    """A fresh hard item of a random dataset, asked "step by step", answered with its gold steps.
+
+    The one multi-step skill: a pretrained MLLM can already write a chain of thought for such a
+    question; this lets the stand-in learn to, in an optional stage-0 phase (``FoundationConfig.reason_batch``,
+    off by default: measured and not adopted, see there). It is asked without the task's
+    instruction and outside a reasoning span, like an instruction-tuned model's CoT data; stage 1 still
+    has to learn when and in which span to write it. Items come from the builders' own random stream,
+    never from the train / eval splits."""
+    names = sorted(DATASETS)
+    it = DATASETS[names[int(rng.integers(len(names)))]][0](rng, 0, True)
+    return Skill("reason_chain", REASON_PREFIX + it.query_text, it.query_visual, " ".join(it.gold_steps))
+
+
 SKILLS = {
     "describe_scene": (describe_scene, 3.0), "describe_page": (describe_page, 2.0),
     "describe_frame": (describe_frame, 1.0), "video_event": (video_event, 1.0),
     "read_cell": (read_cell, 1.0), "find_shape": (find_shape, 1.0), "find_other": (find_other, 1.5),
     "read_page": (read_page, 1.0), "text_op": (text_op, 1.5),
+    "reason_chain": (reason_chain, 0.0),  # last and weight 0 by default: the default draws stay as they were
 }
 
 
