@@ -507,8 +507,8 @@ def gen_skills(cfg: FoundationConfig, seed: int, step: int, world: int = 1) -> l
     """This rank's next-token examples at ``step``: the phase's skill mix, then (from ``reason_phase``)
     chains of thought. A pure function of (seed, step, rank)."""
     rng = np.random.default_rng([seed, step, distributed.rank(), 0])
-    weights = cfg.see_weights if step < cfg.see_steps else (cfg.frame_replay_weights if step >= cfg.frame_phase
-                                                             else None)
+    phase2 = step >= cfg.frame_phase
+    weights = cfg.see_weights if step < cfg.see_steps else (cfg.frame_replay_weights if phase2 else None)
     if step >= cfg.skill_phase:
         weights = {**(weights or {}), **cfg.skill_replay_weights}
     n_gen = cfg.gen_batch if step < cfg.see_steps else cfg.gen_batch_nce
