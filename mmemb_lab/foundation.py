@@ -24,7 +24,8 @@ Deviations: a pretrained MLLM has no attribute head; ours is dropped after stage
 separately and not part of the backbone checkpoint). Nor is its attention supervised: the search term
 (``FoundationConfig.search_weight``) is ours, a stand-in for the pretraining scale a tiny model lacks.
 
-Used by: ``make foundation`` (reproduces data/foundation), the demo when no foundation exists, notebook 01.
+Used by: ``make foundation`` (trains data/foundation from scratch; how the committed checkpoint was made is in
+data/README.md), the demo when no foundation exists, notebook 01.
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ from .contrastive import info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
 from .train import LoopConfig, atomic_write_text, run_loop
-from .world.scenes import ORDINALS, POSITIONS, TOKEN_CLASSES, Page, Scene, Video, random_page, random_video
+from .world.scenes import ORDINALS, POSITIONS, TOKEN_CLASSES, Page, Scene, Video
 from .world.skills import (
     cell_fact, describe_frame, describe_page, describe_scene, reason_chain, sample_skill, text_op,
 )
-from .world.tasks import DATASETS, make_item
+from .world.build import WORLD_VERSION
+from .world.tasks import DATASETS, make_item, video_near_miss
 
 log = logging.getLogger(__name__)
-WORLD_VERSION = "toy-world-v1"
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class FoundationConfig:
     term took find_shape from 0.23 to 1.00 (without it: 0.38). It names only *where* to look, never what
     is there, and acts on single-step skills only (no chain is shown).
 
-    Result in the full stage-0 mix (steps 7600-8600, the committed model): the head now looks where the
+    Result in the full stage-0 mix (steps 7600-8600, the toy-world-v1 checkpoint committed before v2): the head now looks where the
     answer is (mass on the target 0.95 find_shape / 0.80 find_other, was 0.09 / 0.06; 32 questions
     each, the test ``test_committed_foundation_searches_by_content``), and a linear probe
     reads the target's cell from the state after that layer at 0.95 (was 0.27) - but the greedy answers
@@ -167,7 +168,7 @@ class FoundationConfig:
     looked-up cell, colour, digit, sum...; every atomic skill alike, descriptions excluded); other labelled
     tokens weigh 1 and the loss is the weighted mean (ours). Why: in a QA answer most tokens echo the
     question ("8 plus 1 is 9"), so the one token that needs the skill is a tiny share of the loss.
-    Off by default (1.0): measured as a 400-step continuation of the committed 8600-step model (lr 3e-4,
+    Off by default (1.0): measured as a 400-step continuation of the v1 checkpoint (8600 steps) (lr 3e-4,
     loaded AdamW moments, full stage-0 mix; 24 questions per skill, seed 5), weight 5 / 20 took find_shape
     from ~0.2 to 0.79 / 0.96, but read_cell fell to 0.88 / 0.62, plus / minus did not improve (0.6 / 0.0
     and 0.2 / 0.0) and the direct embedding's easy Hit@1 fell from 85.8 to 80.7 / 79.3 (seed-0 world).
@@ -177,30 +178,32 @@ class FoundationConfig:
     step 6600 (``mmemb-lab foundation --answer-weight 5 --answer-phase 6600``; 48 questions per skill,
     seeds 20000 / 20001) reaches find_shape 0.98 / 1.00, find_other 0.63 / 0.54, plus 0.89 / 0.71, minus
     0.60 / 0.58, read_cell 0.94 / 1.00, every description >= 0.98, and a stronger direct embedding: easy /
-    hard 86.1 / 72.0, 85.0 / 72.8, 85.6 / 74.3 on the seed 0 / 1 / 2 worlds (committed model: find_shape
+    hard 86.1 / 72.0, 85.0 / 72.8, 85.6 / 74.3 on the seed 0 / 1 / 2 worlds (v1 checkpoint: find_shape
     0.13 / 0.25, direct 85.8 / 62.0, 82.1 / 58.3, 82.5 / 61.6). read_page (0.23 / 0.48) and video_event
     (0.07 / 0.14) did not improve. Not committed, because it moves the problem into the world and the
     evaluator: the direct path now solves most "hard" items (seed-0 hard Hit@1: gd 90.5, cls 86.2, qa
     81.0), and as the selection evaluator it credits hallucinated final facts (demo seed 0: precision
-    0.861, hallucinating 13.9% of selections, gold-rationale gain on hard items 9.4 points; committed:
+    0.861, hallucinating 13.9% of selections, gold-rationale gain on hard items 9.4 points; v1 checkpoint:
     0.957, 4.3%, 23.9). Its stage-1 model's own rationales do better (always hard 35.7 vs 19.1) but still
     open with the wrong anchor. The same from-scratch run with weight 1 throughout reaches find_shape
     0.88 / 0.90, find_other 0.60 / 0.46, read_cell 1.00 and direct 85.6 / 73.2 (seed 0): most of the gain
-    is the single from-scratch schedule, not the weighting; the committed model was trained in segments
-    under growing schedules (``foundation.json`` history)."""
+    is the single from-scratch schedule, not the weighting; the v1 checkpoint was trained in segments
+    under growing schedules (``foundation.json`` history). The world then moved to toy-world-v2 (decoy
+    chains: ``world.tasks.chain_scene``), and this weight-1 model, continued 1400 steps on v2, is the
+    committed checkpoint now (data/README.md)."""
     reason_phase: int = 8600
     """Step from which ``reason_batch`` chains of thought join the next-token batch (phase 7)."""
     reason_batch: int = 0
     """Chains of thought per step (global) from ``reason_phase`` on (``world.skills.reason_chain``): a fresh
     hard item asked "step by step: <query>" (no instruction, no reasoning span), answered with its gold
     steps. Ours; off by default (0), and a change of design when on: every other phase keeps chains out so
-    that stage 1 teaches chaining. Why it was tried: on the committed model the gold rationales cost
+    that stage 1 teaches chaining. Why it was tried: on the v1 checkpoint the gold rationales cost
     3.9-4.1 nats per token on hard items whatever the context (0.9 for one-step easy rationales asked as a
     plain question), the demo's stage 1 (160 steps) only brings its generation loss to 1.7, and the
     rationales it then writes open with the wrong anchor, loop and never stop (stop 11, seed 0: always-mode
     hard 21.7 against direct 57.1). A pretrained MLLM writes such chains before any embedding training.
 
-    Measured as a continuation of the committed 8600-step model (2 gloo processes; ``mmemb-lab foundation
+    Measured as a continuation of the v1 checkpoint (8600 steps; 2 gloo processes; ``mmemb-lab foundation
     --steps 9200 --reason-batch 16``, then ``--steps 10000 --reason-batch 32``; 16 hard eval items per
     dataset, seed-0 world, greedy, "step by step" form): the chains come out in the right format at once,
     and the text chains become right (last clause: t2i 0.81, video_ret 0.50, doc 0.50), but the visual
@@ -494,13 +497,14 @@ def bag_of_words(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def near_miss(item, rng):
-    """A global-task negative: for a page query, the target page with the second condition broken."""
+    """A global-task negative: for a page query, the target page with the second condition broken; for a
+    video query, the target video with its first object recoloured or moved (``video_near_miss``)."""
     target = item.candidates[0][1]
     if isinstance(target, Page):
         (ka, _), (kb, vb) = item.meta["conditions"]
         rows = tuple((k, d if k != kb else str((int(d) + int(rng.integers(1, 10))) % 10)) for k, d in target.rows)
         return Page(rows)
-    return random_video(rng)
+    return video_near_miss(target, rng, "colour" if rng.random() < 0.5 else "cell")
 
 
 def gen_skills(cfg: FoundationConfig, seed: int, step: int, world: int = 1) -> list:

@@ -5,7 +5,7 @@ Two sources, kept apart and marked:
   last-token pooling, global batch 1024 over 8 GPUs with cross-GPU gathering, GradCache chunking, LoRA
   r=16, lr 5e-5, 5000 steps, bf16, flash-attention 2;
 - **ours** (reconstructed MMEmb-R1 defaults; the paper's exact values are not public): lambda_gen = 1,
-  lambda_dir = 1, selection tau = ln 2 on the swap counterfactual, rationales of at most 128 tokens.
+  lambda_dir = 1, selection tau = ln 2 on both counterfactuals (removal and swap), rationales of at most 128 tokens.
 
 The memory estimate is arithmetic, not a measurement: it counts bf16 weights, LoRA parameters with
 their fp32 gradients and Adam moments, and per-sequence activations of the chunk being back-propagated

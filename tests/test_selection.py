@@ -1,5 +1,6 @@
 """Counterfactual gains and selection, on hand-built embeddings where the right answer is known."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -143,3 +144,33 @@ def test_swap_partner_has_another_target():
     p = swap_partners(ds, tg)
     assert list(p) == [2, 2, 3, 2, -1, -1]
     assert all(j < 0 or (tg[j] != tg[i] and ds[j] == ds[i]) for i, j in enumerate(p))
+
+
+def _tied_table(n_tied=30, n_told=10):
+    """Two workers whose rationales tie under the evaluator on ``n_tied`` pairs (the wrong one ahead by
+    noise) and are told apart on ``n_told`` (the wrong one far behind)."""
+    from mmemb_lab.selection import GainTable
+
+    n = n_tied + n_told
+    with_ = np.stack([np.full(n, -0.100), np.r_[np.full(n_tied, -0.099), np.full(n_told, -5.0)]], axis=1)
+    nan = np.full((n, 2), np.nan)
+    return GainTable([f"qa-{i}" for i in range(n)], ["toy_qa"] * n, np.ones(n, bool), ["concise", "hallucinating"],
+                     [["a", "b"]] * n, np.ones((n, 2), bool), np.tile([True, False], (n, 1)), np.full(n, -3.0),
+                     with_, np.full((n, 2), -6.0), np.zeros(n), nan, nan, np.arange(n)[::-1].copy())
+
+
+def test_the_fitted_worker_prior_breaks_ties_toward_the_worker_that_wins_where_it_is_told_apart():
+    from mmemb_lab.selection import worker_prior
+
+    t = _tied_table()
+    prior = worker_prior(t)
+    assert prior.shape == (3,) and np.isclose(prior.sum(), 1.0)
+    assert prior[1] > 0.8 and prior[2] < 0.15 and prior[0] < 0.05   # none, concise, hallucinating
+    uniform, fitted = select(t, "both"), select(t, "both", prior=prior)
+    assert (uniform.choice[:30] == 1).all() and uniform.precision() < 0.3   # noise decides the ties
+    assert (fitted.choice == 0).all() and fitted.precision() == 1.0
+    # the prior ranks, it never lets a candidate through: nothing passes tau -> no reasoning
+    assert (select(t, "both", tau=1e9, prior=prior).choice == -1).all()
+    # and it is fitted from confidences only: flipping the ground truth changes nothing
+    flipped = dataclasses.replace(t, correct=~t.correct)
+    assert np.allclose(worker_prior(flipped), prior)

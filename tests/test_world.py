@@ -79,6 +79,42 @@ def test_visual_chains_are_unambiguous_and_end_at_the_answer():
         assert it.gold_steps[-1].endswith(f"{it.answer}.")
 
 
+def test_hard_scenes_hold_a_decoy_chain_that_ends_on_another_candidate():
+    """Without a decoy the chain's end is found by structure alone (see ``chain_scene``); with one, two
+    objects end a chain of the asked form and only the named anchor tells which."""
+    for name in ("toy_qa", "toy_cls", "toy_gd", "toy_video_qa"):
+        for i in range(40):
+            it = make_item(name, 2, "eval", i, 1.0)
+            scene = it.query_visual.frames[-1] if name == "toy_video_qa" else it.query_visual
+            attrs = tuple(w.strip("?.,") for w in it.query_text.split() if w.strip("?.,") in ("colour", "shape"))
+            ends = {tuple(p) for s in range(9) if scene.cells[s] is not None
+                    for p in [follow_chain(scene, s, attrs)] if p is not None and len(p) == len(attrs) + 1}
+            assert len(ends) >= 2, (name, i)
+            names = {scene.cells[p[-1]].name for p in ends}
+            texts = {t for t, _ in it.candidates} | {repr(v) for _, v in it.candidates}
+            if name in ("toy_cls",):  # the decoy's end is a candidate too (a hard negative)
+                assert len(names & texts) >= min(2, len(names)), (it.item_id, names)
+
+
+def test_hard_video_queries_have_near_misses_that_only_the_chain_rules_out(small_world):
+    from mmemb_lab.data import load_eval
+
+    for i in range(30):
+        it = make_item("toy_video_ret", 0, "eval", i, 1.0)
+        target = it.candidates[0][1]
+        near = it.meta["distractors"]
+        assert len(near) == 2 and relevant(it, target)
+        for v in near:
+            assert not relevant(it, v)
+            assert v.events[1] == target.events[1] and v.frames[0] == target.frames[0]
+            a, b = v.events[0], target.events[0]
+            assert a.obj.shape == b.obj.shape and (a.obj.colour != b.obj.colour) != (a.dst != b.dst)
+    root, _ = small_world
+    es = load_eval(root, "toy_video_ret", "global", strict=True)
+    hard = [q for q in es.queries if q.needs_reasoning]
+    assert hard and len(es.candidates) == len(es.queries) + 2 * len(hard)
+
+
 def test_cells_align_with_merged_image_tokens():
     scene = make_item("toy_cls", 0, "eval", 0, 0.0).query_visual
     img = np.asarray(render_scene(scene))
