@@ -112,12 +112,37 @@ def generation_labels(backbone: Backbone, batch: dict, targets: list[str]) -> to
 def length_buckets(backbone: Backbone, inputs: list[Input], assistants: list[str] | None = None, n: int = 4
                    ) -> list[list[int]]:
     """Row indices in ``n`` groups of similar token length (shortest first); every row exactly once."""
+    return bucketed_batches(backbone, inputs, assistants, n)[0]
+
+
+def bucketed_batches(backbone: Backbone, inputs: list[Input], assistants: list[str] | None = None, n: int = 4
+                     ) -> tuple[list[list[int]], list[dict]]:
+    """``length_buckets`` and each bucket's batch, from ONE ``collate`` of all rows (images are processed
+    once): a bucket's batch is its rows with the left-padding columns none of them needs cut, and its own
+    images - what ``collate`` builds for those rows alone (tests/test_stage1.py)."""
+    full = collate(backbone, inputs, assistants)
     if n <= 1 or len(inputs) <= 1:
-        return [list(range(len(inputs)))]
-    lengths = collate(backbone, inputs, assistants, device="cpu")["attention_mask"].sum(1)
-    order = torch.argsort(lengths, stable=True).tolist()
+        return [list(range(len(inputs)))], [full]
+    order = torch.argsort(full["attention_mask"].sum(1).cpu(), stable=True).tolist()
     k = -(-len(order) // n)
-    return [order[i:i + k] for i in range(0, len(order), k)]
+    buckets = [order[i:i + k] for i in range(0, len(order), k)]
+    counts = [1 if len(x.images()) > 1 and backbone.video_mode == "storyboard" else len(x.images()) for x in inputs]
+    return buckets, [sub_batch(full, b, counts) for b in buckets]
+
+
+def sub_batch(batch: dict, rows: list[int], images_per_row: list[int]) -> dict:
+    """Rows ``rows`` of a left-padded ``collate`` batch, as ``collate`` builds them on their own."""
+    idx = torch.tensor(rows, device=batch["input_ids"].device)
+    width = int(batch["attention_mask"][idx].sum(1).max())
+    out = {k: batch[k][idx][:, -width:] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "pixel_values" in batch:
+        first = np.cumsum([0] + images_per_row)
+        patches = np.cumsum([0] + batch["image_grid_thw"].prod(-1).tolist())
+        imgs = [j for r in rows for j in range(first[r], first[r + 1])]
+        if imgs:
+            out["pixel_values"] = torch.cat([batch["pixel_values"][patches[j]:patches[j + 1]] for j in imgs])
+            out["image_grid_thw"] = batch["image_grid_thw"][imgs]
+    return {k: out[k] for k in batch if k in out}
 
 
 def in_row_order(parts: torch.Tensor, buckets: list[list[int]]) -> torch.Tensor:
@@ -220,12 +245,11 @@ def make_step_fn(backbone: Backbone, data: list[tuple[Item, str | None]], cfg: S
             return _chunked_step(backbone, module, cfg, queries, targets_text, pos + negs, len(pos), (ids, nids)) | {
                 "reasoning_share": share}
         tgts, n = pos + negs, cfg.length_buckets
-        rb, db, tb = (length_buckets(backbone, queries, targets_text, n), length_buckets(backbone, queries, None, n),
-                      length_buckets(backbone, tgts, None, n))
-        reasoned = [collate(backbone, [queries[i] for i in b], [targets_text[i] for i in b]) for b in rb]
+        (rb, reasoned), (db, direct), (tb, targets) = (bucketed_batches(backbone, queries, targets_text, n),
+                                                       bucketed_batches(backbone, queries, None, n),
+                                                       bucketed_batches(backbone, tgts, None, n))
         labels = [generation_labels(backbone, r, [targets_text[i] for i in b]) for r, b in zip(reasoned, rb)]
-        lm_sum, n_lab, e_r, e_d, e_t = module(reasoned, labels, [collate(backbone, [queries[i] for i in b]) for b in db],
-                                              [collate(backbone, [tgts[i] for i in b]) for b in tb])
+        lm_sum, n_lab, e_r, e_d, e_t = module(reasoned, labels, direct, targets)
         e_r, e_d, e_t = in_row_order(e_r, rb), in_row_order(e_d, db), in_row_order(e_t, tb)
         lm = lm_sum / max(1, n_lab)
         nce_r, nce_d = _contrastive(cfg, e_r, e_d, e_t, len(pos), (ids, nids))

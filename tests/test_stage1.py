@@ -108,6 +108,28 @@ def test_length_buckets_give_the_one_batch_step(make_backbone):
     bb.model.zero_grad()
 
 
+def test_bucketed_batches_equal_collating_each_bucket_alone(make_backbone):
+    """One collate for all rows, then per-bucket views: the same tensors as collating each bucket's rows
+    on their own (images, frame sequences and text-only rows mixed; with and without assistant turns)."""
+    import torch
+
+    from mmemb_lab.embed import collate
+    from mmemb_lab.stage1 import assistant_target, bucketed_batches
+
+    bb = make_backbone(seed=9)
+    items = [make_item(n, 0, "train", i, 0.6) for n in ("toy_qa", "toy_doc", "toy_video_qa", "toy_t2i") for i in range(2)]
+    queries = [item_query(it) for it in items]
+    assistants = [assistant_target(" ".join(it.gold_steps) or None) for it in items]
+    for a in (None, assistants):
+        buckets, batches = bucketed_batches(bb, queries, a, 3)
+        assert sorted(i for b in buckets for i in b) == list(range(len(items))) and len(buckets) == 3
+        for b, got in zip(buckets, batches):
+            want = collate(bb, [queries[i] for i in b], None if a is None else [a[i] for i in b])
+            assert got.keys() == want.keys()
+            for k in want:
+                assert torch.equal(got[k], want[k]), k
+
+
 def test_a_stage1_checkpoint_is_resumed_only_by_the_run_that_wrote_it(make_backbone, tmp_path):
     import pytest
 
