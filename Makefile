@@ -21,7 +21,10 @@ venv: $(MARKER)
 # Reinstalls whenever the pins or the package metadata change.
 $(MARKER): requirements-cpu.txt pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -r requirements-cpu.txt
+	$(VPY) -m pip install --no-compile -r requirements-cpu.txt
+	@# byte-compile on every core (pip compiles one file at a time: 64 s -> 30 + 19 s measured here); like
+	@# pip's own pass, it skips files written for other Python versions (torch ships a 3.12-only one)
+	$(VPY) -m compileall -q -j 0 "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true
 	$(VPY) -m pip install --no-deps -e .
 	touch $@
 
