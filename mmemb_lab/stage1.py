@@ -126,17 +126,23 @@ def bucketed_batches(backbone: Backbone, inputs: list[Input], assistants: list[s
     order = torch.argsort(full["attention_mask"].sum(1).cpu(), stable=True).tolist()
     k = -(-len(order) // n)
     buckets = [order[i:i + k] for i in range(0, len(order), k)]
-    counts = [1 if len(x.images()) > 1 and backbone.video_mode == "storyboard" else len(x.images()) for x in inputs]
-    return buckets, [sub_batch(full, b, counts) for b in buckets]
+    return buckets, [sub_batch(full, b, backbone.merge) for b in buckets]
 
 
-def sub_batch(batch: dict, rows: list[int], images_per_row: list[int]) -> dict:
-    """Rows ``rows`` of a left-padded ``collate`` batch, as ``collate`` builds them on their own."""
+def sub_batch(batch: dict, rows: list[int], merge: int) -> dict:
+    """Rows ``rows`` of a left-padded ``collate`` batch, as ``collate`` builds them on their own. Which
+    images belong to which row is read off the batch: row by row, its image tokens use up the images'
+    merged-token counts in order (``merge``: the backbone's spatial merge)."""
     idx = torch.tensor(rows, device=batch["input_ids"].device)
     width = int(batch["attention_mask"][idx].sum(1).max())
     out = {k: batch[k][idx][:, -width:] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     if "pixel_values" in batch:
-        first = np.cumsum([0] + images_per_row)
+        per_image = (batch["image_grid_thw"].prod(-1) // merge ** 2).tolist()
+        first, j = [0], 0
+        for tokens in batch["mm_token_type_ids"].sum(1).tolist():
+            while tokens > 0:
+                tokens, j = tokens - per_image[j], j + 1
+            first.append(j)
         patches = np.cumsum([0] + batch["image_grid_thw"].prod(-1).tolist())
         imgs = [j for r in rows for j in range(first[r], first[r + 1])]
         if imgs:
