@@ -37,11 +37,14 @@ test: $(MARKER)
 bench: $(MARKER)
 	$(OFFLINE) $(VPY) -m mmemb_lab bench --out runs/bench
 
-# Retrains the committed stage-0 foundation model in data/foundation (8600 steps, ~2.3 h on 2 cores;
-# resumes from data/foundation.work): two 1-thread processes (gloo) use
-# 2 cores better than one 2-thread process; the same code runs on N GPUs under torchrun/accelerate.
+# Trains the stage-0 foundation model into data/foundation from scratch (resumes from data/foundation.work):
+# 8600 steps (~2.3 h on 2 cores), then 3000 more with gold chains of thought written in the reasoning span
+# (~1.2 h; FoundationConfig.reason_form). Two 1-thread processes (gloo) use 2 cores better than one 2-thread
+# process; the same code runs on N GPUs under torchrun/accelerate. How the committed one was made: data/README.md.
+FOUNDATION := $(OFFLINE) OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 -m mmemb_lab foundation --out data/foundation
 foundation: $(MARKER)
-	$(OFFLINE) OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 -m mmemb_lab foundation --out data/foundation
+	$(FOUNDATION)
+	$(FOUNDATION) --steps 11600 --reason-batch 32 --reason-phase 8600
 
 lab: $(MARKER)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -39,6 +39,8 @@ def _foundation(a) -> None:
         cfg = replace(cfg, reason_batch=a.reason_batch)
     if a.reason_phase is not None:
         cfg = replace(cfg, reason_phase=a.reason_phase)
+    if a.reason_form is not None:
+        cfg = replace(cfg, reason_form=a.reason_form)
     with distributed.init_from_env():
         train_foundation(a.out, cfg, seed=a.seed, resume=not a.no_resume)
     if distributed.is_main():
@@ -179,6 +181,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--reason-batch", type=int, default=None,
                    help="chains of thought per step from --reason-phase on (FoundationConfig.reason_batch; 0 = off)")
     s.add_argument("--reason-phase", type=int, default=None, help="step from which --reason-batch applies")
+    s.add_argument("--reason-form", default=None, choices=["plain", "span"],
+                   help="chains asked 'step by step' (plain) or as stage 1 asks, written in the reasoning span")
     s.set_defaults(fn=_foundation)
 
     for name, fn, helptext in (("train", _train, "contrastive fine-tuning on a world's training rows"),

@@ -16,9 +16,12 @@ Concept
     with the contrastive term joining after ``see_steps`` (grounding first), frame replay and a
     frame-index head from ``frame_phase``, reading spans (true observations, then the answer
     statement) from ``read_phase``, search-skill replay from ``skill_phase`` and the search-attention
-    term from ``search_phase``. Multi-step rationales are kept out: the skills are single hops
-    (``mmemb_lab.world.skills``), chains are the later stages' job. An optional phase that adds chains of
-    thought (``reason_batch``, off by default) was measured and not adopted.
+    term from ``search_phase``. The skills are single hops (``mmemb_lab.world.skills``). A last phase
+    (``reason_batch`` chains from ``reason_phase``, in the stage-1 span form: ``reason_form="span"``)
+    teaches the model to write a gold chain of thought inside ``<think>...</think>``, as a pretrained
+    reasoning MLLM can before any embedding training; which chains pay off, and when to write one, stay
+    the later stages' job. The committed checkpoint had this phase (data/README.md); it is off in the
+    default from-scratch schedule (``reason_batch=0``) and ``make foundation`` adds it as a continuation.
 
 Deviations: a pretrained MLLM has no attribute head; ours is dropped after stage 0 (it is saved
 separately and not part of the backbone checkpoint). Nor is its attention supervised: the search term
@@ -42,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .backbone import Backbone, TinySpec, build_tiny, load_backbone, train_tokenizer
+from .backbone import THINK_CLOSE, THINK_OPEN, Backbone, TinySpec, build_tiny, load_backbone, train_tokenizer
 from .contrastive import info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
@@ -195,9 +198,9 @@ class FoundationConfig:
     """Step from which ``reason_batch`` chains of thought join the next-token batch (phase 7)."""
     reason_batch: int = 0
     """Chains of thought per step (global) from ``reason_phase`` on (``world.skills.reason_chain``): a fresh
-    hard item asked "step by step: <query>" (no instruction, no reasoning span), answered with its gold
-    steps. Ours; off by default (0), and a change of design when on: every other phase keeps chains out so
-    that stage 1 teaches chaining. Why it was tried: on the v1 checkpoint the gold rationales cost
+    hard item answered with its gold steps, in the form ``reason_form`` says. Ours; 0 in the from-scratch
+    schedule; the committed checkpoint was continued with 16, then 32 (``reason_form``; data/README.md), and
+    ``make foundation`` continues with 32. Why the "plain" form was tried first: on the v1 checkpoint the gold rationales cost
     3.9-4.1 nats per token on hard items whatever the context (0.9 for one-step easy rationales asked as a
     plain question), the demo's stage 1 (160 steps) only brings its generation loss to 1.7, and the
     rationales it then writes open with the wrong anchor, loop and never stop (stop 11, seed 0: always-mode
@@ -213,7 +216,25 @@ class FoundationConfig:
     span the stage-1 model does not carry the skill over ("step step step ...", unclosed spans; its
     own t2i chains: last clause 0.12), selection precision 0.956 -> 0.943 with 5.7% hallucinating picks,
     gold-rationale gain 23.9 -> 21.1, sensitivity ratio 1.67 -> 1.54, and the descriptions erode (page
-    digit 1.00 -> 0.97 at save, 0.948 on the demo's held-out pages, under the 0.95 bar). Not adopted."""
+    digit 1.00 -> 0.97 at save, 0.948 on the demo's held-out pages, under the 0.95 bar). Not adopted: that
+    was the "plain" form; the span form (``reason_form``) is what the committed checkpoint has."""
+    reason_form: str = "span"
+    """How ``reason_batch`` chains are asked and written (``world.skills.reason_chain``): "span" (ours, the
+    committed checkpoint: the stage-1 prompt, instruction included, gold steps inside ``<think>...</think>``)
+    or "plain" ("step by step: <query>", no span; measured above, not adopted).
+
+    Why: on the v2 checkpoint of 10000 steps (no chains), the first clause of a chain forced inside the span
+    after the chain query ("<think>star:") was completed right 0.15-0.23 of the time (cls / qa / gd, 40
+    hard eval items each), against 1.00 for the same lookup asked as the skill question ("where is the
+    star?") on the same scenes: the lookup was bound to the question form, and stage 1 (160 steps, ~670
+    rationales) did not rebind it (its own rationales: first step 0.01-0.05 on three seeds).
+    Measured (continuation of that checkpoint, 2 gloo processes: 1000 steps with 16 chains per step under an
+    11000-step schedule, then 2000 with 32 under a 13000-step schedule, 4301 s; 24 hard eval items per
+    dataset, seed-0 world, free greedy generation after ``<think>``): first step 0.08-0.50 at step 11000,
+    0.92-1.00 at 12000 (video_qa 0.12); descriptions at save >= 0.997. ``make demo`` from the 13000-step
+    model (seed 0): own rationales' steps 0.87 / 0.78 / 0.68 / 0.52, answer 0.63 (were 0.01 / 0.04 / 0.04 /
+    0.02, answer 0.03); always-mode hard 61.8 against direct 39.2 (were 20.5 / 31.6); sensitivity 0.618
+    against 0.229 for the random-worker ablation (ratio 2.70; was 1.53)."""
     search_layer: int = 1
     """Decoder layer whose attention the search term supervises (0-based; needs the eager attention)."""
     search_head: int = 0
@@ -518,8 +539,16 @@ def gen_skills(cfg: FoundationConfig, seed: int, step: int, world: int = 1) -> l
     n_gen = cfg.gen_batch if step < cfg.see_steps else cfg.gen_batch_nce
     skills = [sample_skill(rng, weights) for _ in range(n_gen // world)]
     if step >= cfg.reason_phase and cfg.reason_batch > 0:
-        skills += [reason_chain(rng) for _ in range(cfg.reason_batch // world)]
+        skills += [reason_chain(rng, cfg.reason_form) for _ in range(cfg.reason_batch // world)]
     return skills
+
+
+def assistant_text(skill) -> str:
+    """What the model is taught to write for a skill: its answer and the end of the turn, or (a chain in the
+    span form) ``<think>`` steps ``</think>``, where stage 1's writer goes on with ``<|emb|>``."""
+    if skill.kind == "reason_span":
+        return f"{THINK_OPEN}{skill.answer}{THINK_CLOSE}"
+    return skill.answer + "<|im_end|>"
 
 
 def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
@@ -529,8 +558,8 @@ def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
     def step_fn(step: int, module) -> dict:
         phase2 = step >= cfg.frame_phase
         skills = gen_skills(cfg, seed, step, world)
-        answers = [s.answer + "<|im_end|>" for s in skills]
-        batch = collate(backbone, [Input(s.question, to_pil(s.visual)) for s in skills], answers)
+        answers = [assistant_text(s) for s in skills]
+        batch = collate(backbone, [Input(s.question, to_pil(s.visual), s.instruction) for s in skills], answers)
         gen = {"batch": batch, "labels": answer_labels(backbone, batch, answers),
                "tok_labels": [lab for s in skills for lab in token_labels(s.visual)],
                "tok_positions": [p for s in skills for p in token_positions(s.visual, backbone.video_mode)]

@@ -34,7 +34,8 @@ Where our GRPO departs from textbook GRPO (DeepSeekMath) - and from the paper's 
     - **Rollouts stop at ``</think>``**, as inference does: ``<|emb|>`` is appended when the rationale is
       embedded, so the policy is never trained (or penalised) on what it writes after closing the span.
     - **What is trained** (``train``): "all" updates the whole model, as textbook GRPO would; "decision"
-      (ours) updates only the ``<think>`` row of the tied output embedding, a linear gate on the state at
+      (ours) updates only the ``<think>`` row of the output embedding (untied first from the input
+      embedding, so the rationale written after ``<think>`` does not move), a linear gate on the state at
       the assistant start. Measured on the tiny preset: 40 steps of "all" lowered the direct path by 3.7 /
       6.7 points (seeds 0 / 1) while the rationales did not improve; "decision" cannot touch the direct
       embedding (the ``<think>`` row only enters inputs that reason).
@@ -232,7 +233,7 @@ class RLConfig:
     that all reason; their advantages sum to zero on the shared first token and the gate cannot learn."""
     train: str = "all"
     """What GRPO updates: "all" (every trainable weight: the decision, the rationales and, through shared
-    weights, the embedding) or "decision" (ours: only the ``<think>`` row of the tied output embedding, i.e.
+    weights, the embedding) or "decision" (ours: only the ``<think>`` row of the (untied) output embedding, i.e.
     a linear gate on the state at the assistant start; the embedder and the rationale writer stay as stage 1
     left them)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -397,8 +398,26 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     return RLResult(history, records, steps, wall)
 
 
+def untie_output_embedding(model: torch.nn.Module) -> bool:
+    """Give the output layer its own copy of a tied input embedding (and record it in the config, so the
+    checkpoint saves and reloads both). Returns whether it was tied."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out.weight is not inp.weight:
+        return False
+    out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+    for c in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        c.tie_word_embeddings = False
+    return True
+
+
 def _decision_only(model: torch.nn.Module, think: int):
-    """Freeze every weight but the ``<think>`` row of the output embedding; returns a function that undoes it."""
+    """Freeze every weight but the ``<think>`` row of the output embedding; returns a function that undoes it.
+
+    The tiny models tie input and output embeddings: training the tied row would also move the INPUT
+    embedding of ``<think>``, which every rationale is written after (measured, seed 0: always-mode hard
+    61.8 -> 21.9 after 40 steps at lr 1e-2, the direct path untouched). So the output layer is untied
+    first and only its row trains: the gate moves, the rationale writer and the embedder do not."""
+    untie_output_embedding(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)

@@ -261,8 +261,8 @@ def test_chains_of_thought_join_the_next_token_batch_at_the_reason_phase_only():
     from mmemb_lab.world.skills import REASON_PREFIX, SKILLS, reason_chain, sample_skill
     from mmemb_lab.world.tasks import DATASETS
 
-    cfg = FoundationConfig(reason_phase=20, reason_batch=8)
-    assert FoundationConfig().reason_batch == 0  # off by default: the committed model never saw a chain
+    cfg = FoundationConfig(reason_phase=20, reason_batch=8, reason_form="plain")
+    assert FoundationConfig().reason_batch == 0  # off in the from-scratch schedule (make foundation continues)
     before, after = gen_skills(cfg, 0, 19), gen_skills(cfg, 0, 20)
     assert not [s for s in before if s.kind == "reason_chain"]
     chains = [s for s in after if s.kind == "reason_chain"]
@@ -278,3 +278,37 @@ def test_chains_of_thought_join_the_next_token_batch_at_the_reason_phase_only():
     rng = np.random.default_rng(0)
     assert SKILLS["reason_chain"][1] == 0.0
     assert not [k for k in (sample_skill(rng).kind for _ in range(500)) if k == "reason_chain"]
+
+
+def test_span_form_chains_are_asked_as_stage_1_asks_and_labelled_on_the_span_only(tokenizer):
+    """``reason_form="span"``: the same item as the plain form, under its task instruction, written inside
+    ``<think>...</think>``; the next-token labels are exactly the span (no end-of-turn token), and the
+    prompt is the one stage 1 writes after."""
+    from mmemb_lab.backbone import THINK_CLOSE, THINK_OPEN, TinySpec, build_tiny
+    from mmemb_lab.data import item_query, to_pil
+    from mmemb_lab.embed import Input, collate
+    from mmemb_lab.foundation import FoundationConfig, answer_labels, assistant_text, gen_skills
+    from mmemb_lab.world.skills import reason_chain
+    from mmemb_lab.world.tasks import DATASETS
+
+    s, plain = reason_chain(np.random.default_rng(4), "span"), reason_chain(np.random.default_rng(4))
+    twin = np.random.default_rng(4)
+    names = sorted(DATASETS)
+    it = DATASETS[names[int(twin.integers(len(names)))]][0](twin, 0, True)
+    assert s.kind == "reason_span" and s.answer == plain.answer == " ".join(it.gold_steps)
+    assert (s.question, s.instruction) == (it.query_text, it.query_inst) and it.query_inst
+    with pytest.raises(ValueError, match="chain form"):
+        reason_chain(np.random.default_rng(4), "prose")
+    cfg = FoundationConfig(reason_phase=20, reason_batch=4, reason_form="span")
+    assert [k.kind for k in gen_skills(cfg, 0, 20)].count("reason_span") == 4
+    bb = build_tiny(TinySpec(hidden=32, layers=1, heads=2, kv_heads=1, ffn=64, vision_dim=32, vision_depth=1,
+                             vision_heads=1), tokenizer)
+    text = assistant_text(s)
+    assert text == f"{THINK_OPEN}{s.answer}{THINK_CLOSE}" and assistant_text(plain).endswith("<|im_end|>")
+    batch = collate(bb, [Input(s.question, to_pil(s.visual), s.instruction)], [text])
+    # the prompt is stage 1's (item_query), the labels are the span's tokens and nothing else
+    stage1 = collate(bb, [item_query(it)], [text])
+    assert torch.equal(batch["input_ids"], stage1["input_ids"])
+    labels = answer_labels(bb, batch, [text])[0]
+    said = bb.tokenizer.decode(labels[labels != -100])
+    assert said.replace(" ", "") == text.replace(" ", "")

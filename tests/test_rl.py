@@ -119,8 +119,10 @@ def test_grpo_raises_invocation_when_the_reward_pays_for_opening(make_backbone, 
 
 
 def test_decision_only_grpo_moves_the_gate_and_nothing_else(make_backbone, tmp_path, one_thread):
-    """train="decision": the gate still learns what the reward favours, every other weight (and so every
-    direct embedding) is bit-identical, and the model's trainable flags come back."""
+    """train="decision": the gate still learns what the reward favours; every other weight is bit-identical -
+    the INPUT embedding of ``<think>`` included (the tiny models tie input and output embeddings, and a
+    tied row moved the input every rationale is written after) - so every direct embedding is too, and
+    the model's trainable flags come back."""
     from mmemb_lab.embed import embed
 
     bb = make_backbone(seed=13)
@@ -135,12 +137,14 @@ def test_decision_only_grpo_moves_the_gate_and_nothing_else(make_backbone, tmp_p
     _, before, after = _run(bb, tmp_path, reward_funcs=[pays_for_opening], train="decision",
                             decision_exploration=0.5)
     assert after > before + 0.1, (before, after)
-    out = bb.model.get_output_embeddings().weight
+    inp, out = bb.model.get_input_embeddings().weight, bb.model.get_output_embeddings().weight
+    assert out is not inp and not bb.model.config.get_text_config().tie_word_embeddings  # untied, and saved so
+    table = [n for n, p in bb.model.named_parameters() if p is inp][0]
+    assert torch.equal(inp.cpu(), weights[table])  # the input row of <think> did not move
+    changed = (out.detach().cpu() != weights[table]).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [tk.think], changed
     for n, p in bb.model.named_parameters():  # on a GPU machine trl has moved the model there
-        if p is out:
-            changed = (p.cpu() != weights[n]).any(dim=1).nonzero().flatten().tolist()
-            assert changed == [tk.think], changed
-        else:
+        if p is not out:
             assert torch.equal(p.cpu(), weights[n]), n
     bb.model.cpu()  # the same weights on the same device as before (CPU and GPU kernels differ in the last bits)
     assert torch.equal(embed(bb, probe), direct_before)

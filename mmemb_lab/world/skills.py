@@ -6,9 +6,10 @@ Concept
     (../shared/notes/tiny-vlm-from-scratch.md). So stage 0 trains every hop on its own, as single-step
     QA whose answer has exactly the shape of one rationale clause ("other red: centre red square."),
     plus dense descriptions of scenes, frames and pages that teach the model to see. One skill is
-    multi-step: ``reason_chain`` (a chain of thought for a fresh hard item, "step by step: ..."), weight 0
-    in the default mix, used only by an optional stage-0 phase (``FoundationConfig.reason_batch``, off by
-    default; measured and not adopted - see there). Otherwise learning to chain is the later stages' job.
+    multi-step: ``reason_chain`` (the gold chain of thought of a fresh hard item), weight 0 in the default
+    mix, used only by stage 0's last phase (``FoundationConfig.reason_batch`` / ``reason_form``; the
+    committed checkpoint has it in the span form). Which chains pay off and when to write one are the later
+    stages' job.
 
 Used by: ``mmemb_lab.foundation`` (stage 0) and the tokenizer corpus.
 """
@@ -37,6 +38,8 @@ class Skill:
     scene or frame, 8 per page) that hold what the answer states - where a reader must look."""
     reads_after: str = field(default="", repr=False)
     """The answer prefix after which the answer states what is read there ("triangle:" ...)."""
+    instruction: str = field(default="", repr=False)
+    """The task instruction the question is asked under (only ``reason_chain(..., form="span")`` sets one)."""
 
 
 def describe_scene(rng) -> Skill:
@@ -141,17 +144,27 @@ def text_op(rng) -> Skill:
 REASON_PREFIX = "step by step: "
 
 
-def reason_chain(rng) -> Skill:
-    """A fresh hard item of a random dataset, asked "step by step", answered with its gold steps.
+def reason_chain(rng, form: str = "plain") -> Skill:
+    """A fresh hard item of a random dataset, answered with its gold steps.
 
     The one multi-step skill: a pretrained MLLM can already write a chain of thought for such a
-    question; this lets the stand-in learn to, in an optional stage-0 phase (``FoundationConfig.reason_batch``,
-    off by default: measured and not adopted, see there). It is asked without the task's
-    instruction and outside a reasoning span, like an instruction-tuned model's CoT data; stage 1 still
-    has to learn when and in which span to write it. Items come from the builders' own random stream,
-    never from the train / eval splits."""
+    question; this lets the stand-in learn to, in stage 0's last phase (``FoundationConfig.reason_batch``,
+    0 in the from-scratch schedule). Two forms (``FoundationConfig.reason_form``; the same item either way):
+    - "plain": asked "step by step: <query>" without the task's instruction and outside a reasoning span,
+      like an instruction-tuned model's CoT data; stage 1 still has to learn when and in which span to
+      write it (measured and not adopted, see ``FoundationConfig.reason_batch``);
+    - "span": asked exactly as stage 1 asks (instruction + query), answered inside the reasoning span
+      (kind "reason_span"; the span tags are added by the trainer). Why: the lookup a chain starts with
+      (find_shape, 1.00 as a question) is right only 0.15-0.23 of the time when the same clause is forced
+      inside the span after a chain query, on the v2 foundation without this phase; measured in
+      ``FoundationConfig.reason_form``).
+    Items come from the builders' own random stream, never from the train / eval splits."""
+    if form not in ("plain", "span"):
+        raise ValueError(f"unknown chain form {form!r} (plain or span)")
     names = sorted(DATASETS)
     it = DATASETS[names[int(rng.integers(len(names)))]][0](rng, 0, True)
+    if form == "span":
+        return Skill("reason_span", it.query_text, it.query_visual, " ".join(it.gold_steps), instruction=it.query_inst)
     return Skill("reason_chain", REASON_PREFIX + it.query_text, it.query_visual, " ".join(it.gold_steps))
 
 
