@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>")
 THINK_OPEN, THINK_CLOSE, EMB_TOKEN = "<think>", "</think>", "<|emb|>"
+
+
+def reasoning_span(rationale: str) -> str:
+    """A rationale as the model reads and writes it: ``<think>`` rationale ``</think>``."""
+    return f"{THINK_OPEN}{rationale}{THINK_CLOSE}"
 OUR_SPECIAL = (THINK_OPEN, THINK_CLOSE, EMB_TOKEN)
 ARCHS = {
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", 16),

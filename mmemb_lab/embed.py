@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN, Backbone
+from .backbone import EMB_TOKEN, Backbone, reasoning_span
 
 Visual = Union[Image.Image, Sequence[Image.Image], None]
 
@@ -63,7 +63,7 @@ def prompt_text(inp: Input, n_tokens: Sequence[int], assistant: str | None = Non
     head = f"<|im_start|>user\n{vision}{body}<|im_end|>\n<|im_start|>assistant\n"
     if assistant is not None:
         return head + assistant
-    span = "" if inp.rationale is None else f"{THINK_OPEN}{inp.rationale}{THINK_CLOSE}"
+    span = "" if inp.rationale is None else reasoning_span(inp.rationale)
     return head + span + EMB_TOKEN
 
 

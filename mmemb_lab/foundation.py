@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .backbone import THINK_CLOSE, THINK_OPEN, Backbone, TinySpec, build_tiny, load_backbone, train_tokenizer
+from .backbone import Backbone, TinySpec, build_tiny, load_backbone, reasoning_span, train_tokenizer
 from .contrastive import info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
@@ -200,7 +200,8 @@ class FoundationConfig:
     """Chains of thought per step (global) from ``reason_phase`` on (``world.skills.reason_chain``): a fresh
     hard item answered with its gold steps, in the form ``reason_form`` says. Ours; 0 in the from-scratch
     schedule; the committed checkpoint was continued with 16, then 32 (``reason_form``; data/README.md), and
-    ``make foundation`` continues with 32. Why the "plain" form was tried first: on the v1 checkpoint the gold rationales cost
+    ``make foundation`` continues with 32. Why the "plain" form was tried first: on the v1 checkpoint the
+    gold rationales cost
     3.9-4.1 nats per token on hard items whatever the context (0.9 for one-step easy rationales asked as a
     plain question), the demo's stage 1 (160 steps) only brings its generation loss to 1.7, and the
     rationales it then writes open with the wrong anchor, loop and never stop (stop 11, seed 0: always-mode
@@ -547,7 +548,7 @@ def assistant_text(skill) -> str:
     """What the model is taught to write for a skill: its answer and the end of the turn, or (a chain in the
     span form) ``<think>`` steps ``</think>``, where stage 1's writer goes on with ``<|emb|>``."""
     if skill.kind == "reason_span":
-        return f"{THINK_OPEN}{skill.answer}{THINK_CLOSE}"
+        return reasoning_span(skill.answer)
     return skill.answer + "<|im_end|>"
 
 

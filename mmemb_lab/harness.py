@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN, Backbone
+from .backbone import EMB_TOKEN, Backbone, reasoning_span
 from .data import DataError, load_eval
 from .embed import Input, collate, hidden_states, pool, prompt_text
 from .evaluate import score_set
@@ -127,7 +127,7 @@ def render_prompt(prompt: str, inp: Input, n_tokens: Sequence[int]) -> str:
     """The text of one input under a prompt convention (``n_tokens[i]``: image-pad tokens of image i)."""
     if prompt == "user":
         return prompt_text(inp, n_tokens)
-    span = "" if inp.rationale is None else f"{THINK_OPEN}{inp.rationale}{THINK_CLOSE}"
+    span = "" if inp.rationale is None else reasoning_span(inp.rationale)
     if prompt == "chat":
         system = f"<|im_start|>system\n{inp.instruction}<|im_end|>\n" if inp.instruction else ""
         return (f"{system}<|im_start|>user\n{_vision(n_tokens)}{inp.text}<|im_end|>\n<|im_start|>assistant\n"

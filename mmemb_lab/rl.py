@@ -405,7 +405,7 @@ def untie_output_embedding(model: torch.nn.Module) -> bool:
     if out.weight is not inp.weight:
         return False
     out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
-    for c in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+    for c in (model.config, model.config.get_text_config()):  # the same object for a text-only model
         c.tie_word_embeddings = False
     return True
 

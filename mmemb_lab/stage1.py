@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN, Backbone
+from .backbone import EMB_TOKEN, THINK_OPEN, Backbone, reasoning_span
 from .contrastive import info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
@@ -92,7 +92,7 @@ def assistant_target(rationale: str | None) -> str:
     first step stayed at 0.00, and ``make demo`` moved always-hard 21.7 / 26.1 / 22.9 -> 19.1 / 23.1 / 24.0
     and direct-easy 84.6 / 81.3 / 80.6 -> 84.5 / 79.3 / 80.9 (seeds 0 / 1 / 2): no gain, so the span kept
     the format every earlier measurement used."""
-    return (f"{THINK_OPEN}{rationale}{THINK_CLOSE}" if rationale else "") + EMB_TOKEN
+    return (reasoning_span(rationale) if rationale else "") + EMB_TOKEN
 
 
 def generation_labels(backbone: Backbone, batch: dict, targets: list[str]) -> torch.Tensor:
