@@ -29,31 +29,38 @@ from .embed import Input, collate, embed
 class Generated:
     texts: list[str]
     n_tokens: list[int]
+    """Tokens generated per input: the span's tokens, plus ``</think>`` where it closed."""
     closed: list[bool]
+    ids: list[list[int]] = field(default_factory=list)
+    """The span's token ids per input (without ``</think>``), as decoded into ``texts``."""
 
 
 @torch.no_grad()
 def generate_rationales(backbone: Backbone, inputs: Sequence[Input], max_new_tokens: int = 64,
                         batch_size: int = 32) -> Generated:
-    """Greedy rationales after a forced ``<think>``; stops at ``</think>`` (or the budget)."""
+    """Greedy rationales after a forced ``<think>``; stops at ``</think>`` (or the budget).
+
+    A second ``<think>`` cannot be drawn inside the span (a nested span is malformed; and stage 2's
+    decision-only GRPO moves that token's output row, which must not change what is written inside)."""
     bb = backbone
-    close = bb.token_id(THINK_CLOSE)
+    close, think = bb.token_id(THINK_CLOSE), bb.token_id(THINK_OPEN)
     was = bb.model.training
     bb.model.eval()
-    texts, ntok, closed = [], [], []
+    texts, ntok, closed, span_ids = [], [], [], []
     for s in range(0, len(inputs), batch_size):
         chunk = list(inputs[s:s + batch_size])
         batch = collate(bb, chunk, [THINK_OPEN] * len(chunk))
         gen = bb.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=close,
-                                pad_token_id=bb.tokenizer.pad_token_id)
+                                pad_token_id=bb.tokenizer.pad_token_id, suppress_tokens=[think])
         for row in gen[:, batch["input_ids"].shape[1]:].tolist():
             c = close in row
             ids = row[:row.index(close)] if c else [i for i in row if i != bb.tokenizer.pad_token_id]
             texts.append(bb.tokenizer.decode(ids, skip_special_tokens=True).strip())
             ntok.append(len(ids) + int(c))
             closed.append(c)
+            span_ids.append(ids)
     bb.model.train(was)
-    return Generated(texts, ntok, closed)
+    return Generated(texts, ntok, closed, span_ids)
 
 
 @dataclass

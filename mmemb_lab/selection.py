@@ -19,12 +19,17 @@ Concept
     if none clears it, the pair's latent is "no reasoning" (r = none). The prior p(r) over workers is fitted
     to the gain table by EM (``worker_prior``): p(t+ | q) = sum_r p(r) p(t+ | q, r), none included.
 
-    Defaults (ours): the "both" counterfactual (removal AND swap gains clear tau: the rationale beats not
-    reasoning and beats another pair's rationale), tau = ln 2 (it at least doubles p(t+ | q)), the fitted
-    prior. Measured on the tiny preset (toy-world-v2, seed 0, one gain table, ``runs/v2d0``): swap with a
-    uniform prior - the earlier default - chose no reasoning for 12% of easy and 11% of hard pairs and kept
-    hallucinating rationales for 13.8% of selections (precision 0.862); re-ranked offline with the fitted
-    prior: swap 0.963 / 3.7%, both 0.978 / 2.2% with no reasoning for 91% easy / 38% hard.
+    Defaults (ours): the "both_max" counterfactual (removal AND swap_max gains clear tau: the rationale beats
+    not reasoning and beats the strongest rationale written for another pair), tau = ln 2 (it at least
+    doubles p(t+ | q)), the fitted prior. Why swap_max and not the same worker's swap ("both", the previous
+    default): gains against each worker's own partner are not comparable - a hallucinating worker's partner
+    rationale is wrong too, so its swap gain is inflated, and it passed where the correct rationale, measured
+    against a correct partner, did not ("cls-57", seed 0: swap gain 0.97 vs 0.52; the hallucinating one was
+    kept). Against one intervention per pair every candidate faces the same bar. Measured on the tiny preset's gain tables (seeds 0 / 1 / 2, stage-0 evaluator of ``data/foundation``):
+    "both" kept hallucinating rationales for 3.0 / 3.0 / 2.9% of selections (precision 0.945 / 0.960 / 0.949);
+    "both_max" 1.4 / 1.2 / 0.6% (0.981 / 0.980 / 0.987), but chose no reasoning for 55% of hard pairs instead
+    of 41-44% (91-95% of easy ones either way). Earlier (toy-world-v2, ``runs/v2d0``): swap with a uniform prior
+    chose no reasoning for 12% of easy pairs and kept hallucinating rationales for 13.8% of selections.
 
 Deviations: the paper's exact confidence and threshold are not public; ours are documented defaults.
 The swap partner is the same worker's rationale for the next query of the same dataset whose target
@@ -109,7 +114,9 @@ class GainTable:
             return self.gain_swap_max
         if variant == "both":
             return np.minimum(self.gain_removal, self.gain_swap)
-        raise ValueError(f"unknown counterfactual {variant!r}: removal, swap, swap_max or both")
+        if variant == "both_max":
+            return np.minimum(self.gain_removal, self.gain_swap_max)
+        raise ValueError(f"unknown counterfactual {variant!r}: removal, swap, swap_max, both or both_max")
 
 
 def swap_partners(datasets: Sequence[str], targets: Sequence | None = None) -> np.ndarray:
@@ -424,11 +431,11 @@ class SelectionConfig:
     """Training items per dataset that get candidate rationales and a counterfactual selection."""
     tau: float = TAU
     """Gain threshold (nats of log p(t+)); ours: ln 2, i.e. the rationale must double p(t+ | q)."""
-    variant: str = "both"
-    """Counterfactual used for the selection: "both" (the removal AND the swap gain clear tau), "swap",
-    "removal" or "swap_max". Removal asks whether reasoning beats not reasoning, swap whether this
-    content beats reasoning-shaped text written for another pair; "both" makes "no reasoning" the latent
-    of a pair whose evaluator already finds its target directly."""
+    variant: str = "both_max"
+    """Counterfactual used for the selection: "both_max" (the removal AND the swap_max gain clear tau), "both"
+    (removal AND the same worker's swap), "swap", "removal" or "swap_max". Removal asks whether reasoning beats
+    not reasoning, swap whether this content beats reasoning-shaped text written for another pair; requiring
+    removal makes "no reasoning" the latent of a pair whose evaluator already finds its target directly."""
     fitted_prior: bool = True
     """Rank the passing candidates by log p(r) + C with the EM-fitted worker prior (``worker_prior``);
     False: a uniform prior (the highest confidence). The uniform ranking is reported as
@@ -468,7 +475,8 @@ def run_selection(evaluator: Backbone, world_seed: int, hard_fraction: float, cf
     table = score_pairs(evaluator, pairs, cfg.temperature, progress=progress)
     prior = worker_prior(table) if cfg.fitted_prior else None
     sels = {cfg.variant: select(table, cfg.variant, cfg.tau, prior)}
-    for name, variant in (("removal_only", "removal"), ("swap", "swap"), ("both", "both"), ("swap_max", "swap_max")):
+    for name, variant in (("removal_only", "removal"), ("swap", "swap"), ("both", "both"), ("swap_max", "swap_max"),
+                          ("both_max", "both_max")):
         if variant != cfg.variant:
             sels[name] = select(table, variant, cfg.tau, prior)
     sels["uniform_prior"] = select(table, cfg.variant, cfg.tau)

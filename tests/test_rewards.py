@@ -136,7 +136,7 @@ def _stub_encoder(xs):
 
 
 def test_utility_gap_reward_case_by_case(backbone, tokenizer, tk):
-    rew = UtilityGapReward(backbone, [_stub_pair()], temperature=0.1, encoder=_stub_encoder)
+    rew = UtilityGapReward(backbone, [_stub_pair()], temperature=0.1, encoder=_stub_encoder, confidence="log_prob")
     cases = {"direct": [tk.emb], "helps": span(tk, words(tokenizer, " it is good")),
              "hurts": span(tk, words(tokenizer, " it is bad")), "empty": span(tk, []),
              "unclosed": span(tk, words(tokenizer, " it is good"), close=False, emb=False),
@@ -151,6 +151,40 @@ def test_utility_gap_reward_case_by_case(backbone, tokenizer, tk):
     assert math.isnan(rew.last_s_reasoned[0])
 
 
+def test_probability_scale_gap_is_bounded_and_keeps_the_order(backbone, tokenizer, tk):
+    """confidence="prob" (the default): delta = p(t+ | q + r) - p(t+ | q), in [-1, 1]; the same sign and
+    order as the log-gap, but a confidently wrong rationale costs at most p(t+ | q)."""
+    cases = [[tk.emb], span(tk, words(tokenizer, " it is good")), span(tk, words(tokenizer, " it is bad"))]
+    kw = dict(prompts=[None] * 3, completions=[None] * 3, completion_ids=cases, item_id=["item0"] * 3)
+    logs = UtilityGapReward(backbone, [_stub_pair()], temperature=0.05, encoder=_stub_encoder, confidence="log_prob")
+    probs = UtilityGapReward(backbone, [_stub_pair()], temperature=0.05, encoder=_stub_encoder)
+    lg, pg = logs(**kw), probs(**kw)
+    assert probs.confidence == RewardConfig().confidence == "prob"
+    assert pg[0] == 0.0 and 0 < pg[1] <= 1 and -0.25 <= pg[2] < 0  # p(t+ | q) = 1/4: the most a rationale can lose
+    assert lg[2] < -5  # ... while the log-gap of the same rationale is unbounded
+    assert math.isclose(pg[1], math.exp(logs.last_s_reasoned[1]) - 0.25, rel_tol=1e-5)
+    assert math.isclose(probs.last_s_direct[0], 0.25, rel_tol=1e-5)
+    with pytest.raises(ValueError):
+        RewardConfig(confidence="logit")
+
+
+def test_a_frozen_embedder_scores_each_query_and_rationale_once(backbone, tokenizer, tk):
+    seen = []
+
+    def counting(xs):
+        seen.extend(xs)
+        return _stub_encoder(xs)
+
+    ids = [[tk.emb], span(tk, words(tokenizer, " it is good")), span(tk, words(tokenizer, " it is bad"))]
+    kw = dict(completion_ids=ids + ids[1:2], item_id=["item0"] * 4)
+    fresh = UtilityGapReward(backbone, [_stub_pair()], encoder=_stub_encoder)(**kw)
+    cached = UtilityGapReward(backbone, [_stub_pair()], encoder=counting, frozen_embedder=True)
+    assert cached(**kw) == fresh
+    n = len(seen)
+    assert sum(x.rationale is not None for x in seen) == 2  # the repeated rationale embedded once
+    assert cached(**kw) == fresh and len(seen) == n  # nothing embedded again
+
+
 def test_utility_gap_uses_the_current_policy(make_backbone):
     """delta equals an independent computation with embed + log_prob_positive, and follows the weights."""
     from mmemb_lab.data import item_candidates, item_query
@@ -163,7 +197,7 @@ def test_utility_gap_uses_the_current_policy(make_backbone):
     pair = PairTargets(it.item_id, item_query(it), cands[it.labels[0]], negs)
     tk = SpanTokens.of(bb.tokenizer)
     r_ids = words(bb.tokenizer, " the red circle is left")
-    rew = UtilityGapReward(bb, [pair], temperature=0.05)
+    rew = UtilityGapReward(bb, [pair], temperature=0.05, confidence="log_prob")
     call = lambda: rew(completion_ids=[span(tk, r_ids), [tk.emb]], item_id=[it.item_id] * 2)  # noqa: E731
     got = call()
     e = embed(bb, [pair.query, item_query(it, bb.tokenizer.decode(r_ids).strip()), pair.positive, *negs])

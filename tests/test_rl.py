@@ -151,7 +151,63 @@ def test_decision_only_grpo_moves_the_gate_and_nothing_else(make_backbone, tmp_p
     assert all(p.requires_grad for p in bb.model.parameters())
 
 
+def test_greedy_rationales_expand_a_decision_into_the_span_inference_writes(make_backbone):
+    from mmemb_lab.inference import generate_rationales
+    from mmemb_lab.rl import GreedyRationales
+
+    bb = make_backbone(seed=14)
+    tk = SpanTokens.of(bb.tokenizer)
+    pairs = toy_rl_pairs(0, 0.5, 1, datasets=["toy_qa", "toy_t2i", "toy_cls"])
+    g = generate_rationales(bb, [p.query for p in pairs], 6)
+    writer = GreedyRationales(bb, pairs, 6)
+    keys = [p.key for p in pairs]
+    full = writer.expand(keys + keys[:1], [[tk.think]] * 3 + [[tk.emb]])
+    for f, ids, closed in zip(full, g.ids, g.closed):
+        assert f == [tk.think, *ids] + ([tk.close] if closed else [])
+        assert parse_completion(f, tk).kind == ("reason" if closed and ids else "empty" if closed else "unclosed")
+    assert full[3] == [tk.emb]
+
+
+def test_generated_rationales_never_open_a_second_span(make_backbone):
+    """A nested <think> is suppressed inside a span - even when its output row is made to win every position,
+    as decision-only GRPO may move it."""
+    from mmemb_lab.inference import generate_rationales
+
+    bb = make_backbone(seed=15)
+    tk = SpanTokens.of(bb.tokenizer)
+    qs = [p.query for p in toy_rl_pairs(0, 0.5, 1, datasets=["toy_qa", "toy_t2i"])]
+    hooked = bb.model.get_output_embeddings().register_forward_hook(
+        lambda m, i, out: out.index_fill(-1, torch.tensor([tk.think]), 1e4))  # <think> would be argmax everywhere
+    try:
+        g = generate_rationales(bb, qs, 5)
+    finally:
+        hooked.remove()
+    assert all(tk.think not in ids for ids in g.ids) and all(len(ids) > 0 for ids in g.ids)
+
+
+def test_decision_only_grpo_with_greedy_rationales(make_backbone, tmp_path, one_thread):
+    """rationale="greedy": trl samples one token (the decision); the rewards see the full span the model
+    writes greedily, and the gate learns what they favour."""
+    bb = make_backbone(seed=16)
+    tk = SpanTokens.of(bb.tokenizer)
+    seen = []
+
+    def pays_for_a_written_span(prompts, completions, completion_ids, **kw):
+        seen.extend(list(ids) for ids in completion_ids)
+        return [1.0 if ids[0] == tk.think and len(ids) > 1 else 0.0 for ids in completion_ids]
+
+    res, before, after = _run(bb, tmp_path, reward_funcs=[pays_for_a_written_span], train="decision",
+                              rationale="greedy", decision_exploration=0.5)
+    assert after > before + 0.1, (before, after)
+    assert all(h["completions/mean_length"] == 1.0 for h in res.history)  # rollouts are the decision alone
+    opened = [ids for ids in seen if ids[0] == tk.think]
+    assert opened and all(len(ids) > 1 for ids in opened)  # ... scored with the written span
+    assert all(ids == [tk.emb] for ids in seen if ids[0] != tk.think)
+
+
 def test_config_validation():
+    with pytest.raises(ValueError):
+        RLConfig(rationale="greedy")  # the cached greedy rationale is only exact for a frozen writer
     with pytest.raises(ValueError):
         RLConfig(num_generations=1)
     with pytest.raises(ValueError):

@@ -174,3 +174,20 @@ def test_the_fitted_worker_prior_breaks_ties_toward_the_worker_that_wins_where_i
     # and it is fitted from confidences only: flipping the ground truth changes nothing
     flipped = dataclasses.replace(t, correct=~t.correct)
     assert np.allclose(worker_prior(flipped), prior)
+
+
+def test_both_max_does_not_keep_a_rationale_for_out_gaining_its_own_workers_swap():
+    """Seed 0's "cls-57": the hallucinating rationale's own swap partner is wrong too, so its per-worker swap
+    gain clears tau where the correct one's (against a correct partner) does not; "both" keeps it. "both_max"
+    measures both against the strongest swapped rationale: neither is kept on that evidence."""
+    from mmemb_lab.selection import GainTable
+
+    nan = np.full((1, 2), np.nan)
+    t = GainTable(["cls-57"], ["toy_cls"], np.ones(1, bool), ["concise", "hallucinating"], [["a", "b"]],
+                  np.ones((1, 2), bool), np.array([[True, False]]), np.array([-2.64]),
+                  np.array([[-0.01, -0.21]]), np.array([[-0.53, -1.18]]), np.zeros(1), nan, nan, np.zeros(1, int))
+    assert t.gain_swap[0, 1] > TAU > t.gain_swap[0, 0] and (t.gain_removal > TAU).all()
+    assert select(t, "both").choice[0] == 1                 # the hallucinating rationale is kept
+    assert (t.gains("both_max") < TAU).all() and select(t, "both_max").choice[0] == -1
+    good = dataclasses.replace(t, logp_swap=np.array([[-1.5, -1.18]]))  # a partner the correct one does beat
+    assert select(good, "both_max").choice[0] == 0
