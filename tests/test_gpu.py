@@ -134,3 +134,43 @@ def test_stage1_chunked_and_unchunked_gradients_agree_on_gpu():
         grads.append(torch.cat([p.grad.flatten() for p in bb.model.parameters() if p.grad is not None]))
     assert grads[0].is_cuda
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-3), float((grads[0] - grads[1]).abs().max())
+
+
+def test_stage2_decision_grpo_with_greedy_rationales_on_gpu(tmp_path, tokenizer):
+    """The demo's stage-2 setting (``Stage2Config().rl``: decision-only, greedy rationales, cached scores) on a
+    CUDA model: the rationales are written on the GPU before trl wraps ``generate``, every reward sees the
+    written span, the gate moves the way the reward favours, and only the ``<think>`` output row changes."""
+    from dataclasses import replace
+
+    from mmemb_lab.backbone import TinySpec, build_tiny
+    from mmemb_lab.rewards import SpanTokens
+    from mmemb_lab.rl import probe_invocation, toy_rl_pairs, train_rl
+    from mmemb_lab.stage2 import Stage2Config
+
+    bb = build_tiny(TinySpec(hidden=64, layers=2, heads=2, kv_heads=1, ffn=128, vision_dim=32, vision_depth=1,
+                             vision_heads=1), tokenizer, seed=16)
+    tk = SpanTokens.of(bb.tokenizer)
+    pairs = toy_rl_pairs(0, 0.5, 1, datasets=["toy_qa", "toy_t2i", "toy_cls", "toy_doc"])
+    weights = {n: p.detach().cpu().clone() for n, p in bb.model.named_parameters()}
+    table = [n for n, p in bb.model.named_parameters() if p is bb.model.get_input_embeddings().weight][0]
+    seen = []
+
+    def pays_for_a_written_span(prompts, completions, completion_ids, **kw):
+        seen.extend(list(ids) for ids in completion_ids)
+        return [1.0 if ids[0] == tk.think and len(ids) > 1 else 0.0 for ids in completion_ids]
+
+    cfg = replace(Stage2Config().rl, steps=6, lr=3e-2, prompts_per_step=2, num_generations=4, max_completion_length=8,
+                  probe_every=3)
+    before = probe_invocation(bb, [p.query for p in pairs])["mean_p_open"]
+    res = train_rl(bb, pairs, cfg, tmp_path, reward_funcs=[pays_for_a_written_span])
+    after = probe_invocation(bb, [p.query for p in pairs])["mean_p_open"]
+    assert after > before + 0.1, (before, after)
+    assert all(h["completions/mean_length"] == 1.0 for h in res.history)
+    assert all(len(ids) > 1 for ids in seen if ids[0] == tk.think)
+    out = bb.model.get_output_embeddings().weight
+    for n, p in bb.model.named_parameters():
+        if p is out:  # untied from the input table for training: compare with the table it was
+            changed = (p.detach().cpu() != weights[table]).any(dim=1).nonzero().flatten().tolist()
+            assert changed == [tk.think], changed
+        else:
+            assert torch.equal(p.detach().cpu(), weights[n]), n
