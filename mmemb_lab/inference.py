@@ -28,11 +28,14 @@ from .embed import Input, collate, embed
 @dataclass
 class Generated:
     texts: list[str]
-    n_tokens: list[int]
-    """Tokens generated per input: the span's tokens, plus ``</think>`` where it closed."""
     closed: list[bool]
-    ids: list[list[int]] = field(default_factory=list)
+    ids: list[list[int]]
     """The span's token ids per input (without ``</think>``), as decoded into ``texts``."""
+
+    @property
+    def n_tokens(self) -> list[int]:
+        """Tokens generated per input: the span's tokens, plus ``</think>`` where it closed."""
+        return [len(i) + int(c) for i, c in zip(self.ids, self.closed)]
 
 
 @torch.no_grad()
@@ -46,7 +49,7 @@ def generate_rationales(backbone: Backbone, inputs: Sequence[Input], max_new_tok
     close, think = bb.token_id(THINK_CLOSE), bb.token_id(THINK_OPEN)
     was = bb.model.training
     bb.model.eval()
-    texts, ntok, closed, span_ids = [], [], [], []
+    texts, closed, span_ids = [], [], []
     for s in range(0, len(inputs), batch_size):
         chunk = list(inputs[s:s + batch_size])
         batch = collate(bb, chunk, [THINK_OPEN] * len(chunk))
@@ -56,11 +59,10 @@ def generate_rationales(backbone: Backbone, inputs: Sequence[Input], max_new_tok
             c = close in row
             ids = row[:row.index(close)] if c else [i for i in row if i != bb.tokenizer.pad_token_id]
             texts.append(bb.tokenizer.decode(ids, skip_special_tokens=True).strip())
-            ntok.append(len(ids) + int(c))
             closed.append(c)
             span_ids.append(ids)
     bb.model.train(was)
-    return Generated(texts, ntok, closed, span_ids)
+    return Generated(texts, closed, span_ids)
 
 
 @dataclass
