@@ -15,15 +15,18 @@ Concept (method.md, step 5)
       i.e. the policy's choice between the two legal first tokens (stage 2 samples exactly these two;
       ``p_think``, the unrenormalised probability, is kept too).
 
-    An input with ``p_open > threshold`` generates a rationale (``inference.generate_rationales``) and
-    is re-embedded after it; every other input keeps its direct embedding, so it costs one forward -
-    the direct path plus one row of the LM head. The threshold is an inference-time knob (equivalently
-    a logit bias b on ``<think>``: open iff z_think + b > z_emb, b = -logit(threshold)); sweeping it
-    traces accuracy against invocation rate and latency (:func:`sweep`).
+    An input with ``p_open > threshold`` goes on from that same prefill: its KV cache, cropped to the
+    prompt, is continued with ``<think>`` and the span is written greedily (:func:`continue_spans`, the
+    same tokens as ``inference.generate_rationales``), then it is re-embedded after the rationale. Every
+    other input keeps its direct embedding, so it costs one forward - the direct path plus one row of the
+    LM head. The threshold is an inference-time knob (equivalently a logit bias b on ``<think>``: open
+    iff z_think + b > z_emb, b = -logit(threshold)); sweeping it traces accuracy against invocation rate
+    and latency (:func:`sweep`).
 
-Deviations / costs to know: an invoked input pays the gate's prefill, then ``generate_rationales``
-prefills the prompt again (it does not reuse the gate's KV cache: Qwen-VL's multimodal rope state makes
-that reuse fragile), then the re-embedding is a third prefill, as in the "always" mode.
+Costs to know: the prompt is prefilled once for the gate and the generation together (the rotary
+positions are computed here, so continuing the cache does not depend on the model's stored
+``rope_deltas``); the re-embedding after the rationale is a second prefill, as in the "always" mode
+(``inference``), so the two modes pay the same for the same rationale.
 
 Used by: evaluation mode "adaptive" (``AdaptiveEncoder`` as ``evaluate(..., encoder=...)``), the
 threshold sweep in summary.json ``gate.curve``, stage 2's invocation probe, notebook 05.
@@ -39,8 +42,8 @@ import numpy as np
 import torch
 
 from .backbone import EMB_TOKEN, THINK_OPEN, Backbone
-from .embed import Input, collate, embed, hidden_states, pool
-from .inference import generate_rationales
+from .embed import Input, base_model, collate, embed, pool
+from .inference import Generated, cache_of, rope_positions, write_spans
 
 
 @dataclass(frozen=True)
@@ -60,31 +63,111 @@ class GateOutput:
         return self.p_think / (self.p_think + self.p_emb).clamp_min(1e-30)
 
 
+@dataclass
+class _Prefill:
+    """One gate prefill over ``prompt + <|emb|>`` for a batch: its outputs, and what continuing needs."""
+
+    gate: GateOutput
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: object
+
+
+def _prefill(backbone: Backbone, inputs: Sequence[Input], keep_cache: bool) -> _Prefill:
+    bb = backbone
+    think, emb = bb.token_id(THINK_OPEN), bb.token_id(EMB_TOKEN)
+    batch = collate(bb, [replace(x, rationale=None) for x in inputs])
+    pos = rope_positions(bb, batch)
+    out = base_model(bb.model)(**batch, position_ids=pos, use_cache=keep_cache)
+    states = out.last_hidden_state  # (b, seq, hidden), final-normed, left-padded
+    logp = torch.log_softmax(bb.model.get_output_embeddings()(states[:, -2]).float(), dim=-1)  # after the prompt
+    g = GateOutput(pool(states).cpu(), logp[:, think].exp().cpu(), logp[:, emb].exp().cpu())
+    return _Prefill(g, batch["attention_mask"], pos, cache_of(out) if keep_cache else None)
+
+
+@torch.no_grad()
+def continue_spans(backbone: Backbone, pre: _Prefill, rows: Sequence[int], max_new_tokens: int) -> Generated:
+    """Greedy reasoning spans for ``rows`` of a gate prefill, continuing its KV cache (which is consumed).
+
+    The cache is cropped to the prompt (``<|emb|>`` dropped) and ``inference.write_spans`` feeds
+    ``<think>`` at the position ``<|emb|>`` had: the same tokens as ``inference.generate_rationales``,
+    without a second prefill of the prompt (tests/test_gate.py)."""
+    rows = list(rows)
+    if not rows:
+        return Generated([], [], [])
+    idx = torch.tensor(rows, device=pre.mask.device)
+    pre.cache.crop(-1)
+    if len(rows) < pre.mask.shape[0]:
+        pre.cache.batch_select_indices(idx)
+    return write_spans(backbone, pre.cache, pre.mask[idx, :-1], pre.positions[0, idx, -1], max_new_tokens)
+
+
 @torch.no_grad()
 def gate_forward(backbone: Backbone, inputs: Sequence[Input], batch_size: int = 32) -> GateOutput:
     """One forward over ``prompt + <|emb|>`` per input: direct embedding and decision probabilities.
 
     Rationales set on the inputs are ignored (the gate always sees the bare prompt)."""
     bb = backbone
-    think, emb = bb.token_id(THINK_OPEN), bb.token_id(EMB_TOKEN)
-    head = bb.model.get_output_embeddings()
     was = bb.model.training
     bb.model.eval()
-    d, pt, pe = [], [], []
+    outs = []
     try:
         for s in range(0, len(inputs), batch_size):
-            chunk = [replace(x, rationale=None) for x in inputs[s:s + batch_size]]
-            states = hidden_states(bb, collate(bb, chunk))  # (b, seq, hidden), left-padded
-            d.append(pool(states).cpu())  # results live on the CPU, wherever the model is
-            logp = torch.log_softmax(head(states[:, -2]).float(), dim=-1)  # next token after the prompt
-            pt.append(logp[:, think].exp().cpu())
-            pe.append(logp[:, emb].exp().cpu())
+            outs.append(_prefill(bb, inputs[s:s + batch_size], keep_cache=False).gate)
     finally:
         bb.model.train(was)
-    if not d:
+    return _cat_gates(bb, outs)
+
+
+def _cat_gates(bb: Backbone, outs: list[GateOutput]) -> GateOutput:
+    if not outs:
         h = bb.model.config.text_config.hidden_size
         return GateOutput(torch.zeros(0, h), torch.zeros(0), torch.zeros(0))
-    return GateOutput(torch.cat(d), torch.cat(pt), torch.cat(pe))
+    return GateOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in ("direct", "p_think", "p_emb")))
+
+
+@dataclass(frozen=True)
+class GateRun:
+    """The gate over many inputs, and the spans of those it opened for."""
+
+    gate: GateOutput
+    opened: list[int]
+    """Indices (ascending) of the inputs whose p_open exceeds the threshold."""
+    spans: Generated
+    """Their greedy spans, in the order of ``opened``."""
+    gate_s: float
+    """Wall time of the prefills (s)."""
+    span_s: float
+    """Wall time of the span continuations (s)."""
+
+
+@torch.no_grad()
+def gate_and_spans(backbone: Backbone, inputs: Sequence[Input], threshold: float, max_new_tokens: int = 64,
+                   batch_size: int = 32) -> GateRun:
+    """The gate prefill for every input; inputs with ``p_open > threshold`` go on to write their span from
+    the same prefill (:func:`continue_spans`). Re-embedding after the span is the caller's."""
+    bb = backbone
+    inputs = list(inputs)
+    was = bb.model.training
+    bb.model.eval()
+    outs, opened, texts, closed, ids = [], [], [], [], []
+    gate_s = span_s = 0.0
+    try:
+        for s in range(0, len(inputs), batch_size):
+            t0 = time.perf_counter()
+            pre = _prefill(bb, inputs[s:s + batch_size], keep_cache=True)
+            t1 = time.perf_counter()
+            rows = [i for i, v in enumerate(pre.gate.p_open.tolist()) if v > threshold]
+            g = continue_spans(bb, pre, rows, max_new_tokens)
+            pre.cache = None
+            span_s += time.perf_counter() - t1
+            gate_s += t1 - t0
+            outs.append(pre.gate)
+            opened += [s + i for i in rows]
+            texts, closed, ids = texts + g.texts, closed + g.closed, ids + g.ids
+    finally:
+        bb.model.train(was)
+    return GateRun(_cat_gates(bb, outs), opened, Generated(texts, closed, ids), gate_s, span_s)
 
 
 @dataclass
@@ -111,25 +194,23 @@ class AdaptiveEncoder:
 
     def __call__(self, inputs: Sequence[Input]) -> torch.Tensor:
         inputs = list(inputs)
+        run = gate_and_spans(self.backbone, inputs, self.threshold, self.max_new_tokens, self.batch_size)
         t0 = time.perf_counter()
-        g = gate_forward(self.backbone, inputs, self.batch_size)
-        t1 = time.perf_counter()
-        p = g.p_open.tolist()
-        idx = [i for i, v in enumerate(p) if v > self.threshold]
-        out = g.direct.clone()
+        idx, gen = run.opened, run.spans
+        out = run.gate.direct.clone()
         tokens = [0] * len(inputs)
         rats: list[str | None] = [None] * len(inputs)
         if idx:
             sub = [inputs[i] for i in idx]
-            gen = generate_rationales(self.backbone, sub, self.max_new_tokens, self.batch_size)
             out[idx] = embed(self.backbone, [replace(x, rationale=t) for x, t in zip(sub, gen.texts)],
                              batch_size=self.batch_size)
             for j, i in enumerate(idx):
                 tokens[i], rats[i] = gen.n_tokens[j], gen.texts[j]
             self.unclosed += sum(not c for c in gen.closed)
-        t2 = time.perf_counter()
-        base = 1000 * (t1 - t0) / max(1, len(inputs))
-        extra = 1000 * (t2 - t1) / max(1, len(idx))
+        reembed_s = time.perf_counter() - t0
+        p = run.gate.p_open.tolist()
+        base = 1000 * run.gate_s / max(1, len(inputs))
+        extra = 1000 * (run.span_s + reembed_s) / max(1, len(idx))
         chosen = set(idx)
         self.latency_ms += [base + (extra if i in chosen else 0.0) for i in range(len(inputs))]
         self.generated_tokens += tokens
@@ -235,33 +316,28 @@ def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: flo
             continue
         inputs = [q.query for q in es.queries]
         c_emb = embed(backbone, list(es.candidates.values()), batch_size=batch_size)
-        t0 = time.perf_counter()
-        g = gate_forward(backbone, inputs, batch_size)
-        t_gate += time.perf_counter() - t0
+        run = gate_and_spans(backbone, inputs, min_threshold, max_new_tokens, batch_size)
+        g, idx, gen = run.gate, run.opened, run.spans
+        t_gate += run.gate_s
         p = g.p_open.numpy().astype(float)
         reasoned = g.direct.clone()
         tokens = np.zeros(len(inputs))
-        idx = [i for i in range(len(inputs)) if p[i] > min_threshold]
         if idx:
             sub = [inputs[i] for i in idx]
             t0 = time.perf_counter()
-            gen = generate_rationales(backbone, sub, max_new_tokens, batch_size)
             reasoned[idx] = embed(backbone, [replace(x, rationale=t) for x, t in zip(sub, gen.texts)],
                                   batch_size=batch_size)
-            t_reason += time.perf_counter() - t0
+            t_reason += run.span_s + time.perf_counter() - t0
             tokens[idx] = gen.n_tokens
         n_q, n_r = n_q + len(inputs), n_r + len(idx)
         hard = np.array([bool(q.needs_reasoning) for q in es.queries])
         per[name] = DatasetGate(es, c_emb, g.direct, reasoned, p, tokens, hard, info.metric)
         for i, x in enumerate(inputs[:latency_sample]):
+            one = gate_and_spans(backbone, [x], -1.0, max_new_tokens)  # every sampled query writes its span
             t0 = time.perf_counter()
-            gate_forward(backbone, [x])
-            t1 = time.perf_counter()
-            gen1 = generate_rationales(backbone, [x], max_new_tokens)
-            embed(backbone, [replace(x, rationale=gen1.texts[0])])
-            t2 = time.perf_counter()
-            lat_gate.append(1000 * (t1 - t0))
-            lat_reason.append(1000 * (t2 - t1))
+            embed(backbone, [replace(x, rationale=one.spans.texts[0])])
+            lat_gate.append(1000 * one.gate_s)
+            lat_reason.append(1000 * (one.span_s + time.perf_counter() - t0))
             lat_p.append(p[i])
     if not per:
         raise ValueError(f"no evaluation queries under {world_root}")

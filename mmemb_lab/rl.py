@@ -340,7 +340,7 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     tracked. ``reward_funcs`` replaces the default rewards (``rewards.reward_functions``; used by tests
     to build constructed cases). Writes ``config.json``, ``history.jsonl`` and ``invocation.jsonl``
     to ``out_dir``."""
-    from transformers import PrinterCallback
+    from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from .train import atomic_write_text
@@ -394,7 +394,10 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args,
                               train_dataset=rl_dataset(pairs, backbone.video_mode),
                               processing_class=make_processor(backbone), callbacks=[callback])
-        trainer.remove_callback(PrinterCallback)  # it prints every log dict; the history is returned instead
+        # PrinterCallback and the progress bar both print every log dict; the history is returned instead
+        trainer.remove_callback(PrinterCallback)
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(_bar_only(ProgressCallback))
         trainer.train()
         steps = trainer.state.global_step
         history = [_clean(h) for h in trainer.state.log_history if "reward" in h]
@@ -531,6 +534,14 @@ def _with_processor(generate, processor: DecisionExploration):
         return generate(*args, logits_processor=extra, **kwargs)
 
     return wrapped
+
+
+def _bar_only(progress_callback: type) -> type:
+    """transformers' ProgressCallback without its ``on_log`` (which writes each log dict under the bar)."""
+    class BarOnly(progress_callback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            return None
+    return BarOnly
 
 
 def _clean(h: dict) -> dict:

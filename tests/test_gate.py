@@ -38,14 +38,61 @@ def test_decision_is_the_next_token_distribution_after_the_prompt(backbone, inpu
     assert torch.allclose(g.p_open, g.p_think / (g.p_think + g.p_emb))
 
 
-def _spy(monkeypatch):
-    calls = []
-    real = gate.generate_rationales
+def _hf_greedy(bb, inputs, n):
+    """Reference spans from transformers' own ``generate``: greedy after a forced ``<think>``, ``<think>``
+    suppressed, stopping at ``</think>``."""
+    close = bb.token_id("</think>")
+    batch = collate(bb, inputs, ["<think>"] * len(inputs))
+    with torch.no_grad():
+        gen = bb.model.generate(**batch, max_new_tokens=n, do_sample=False, eos_token_id=close,
+                                pad_token_id=bb.tokenizer.pad_token_id, suppress_tokens=[bb.token_id("<think>")])
+    rows = gen[:, batch["input_ids"].shape[1]:].tolist()
+    return [r[:r.index(close)] if close in r else r for r in rows], [close in r for r in rows]
 
-    def spy(bb, xs, *a, **k):
-        calls.append(list(xs))
-        return real(bb, xs, *a, **k)
-    monkeypatch.setattr(gate, "generate_rationales", spy)
+
+def test_spans_from_the_gate_prefill_equal_generate(make_backbone, inputs):
+    """Both span writers - ``generate_rationales`` (its own prefill) and the adaptive path (the gate's
+    prefill, KV cache cropped to the prompt) - draw exactly the tokens of transformers' ``generate``, in a
+    left-padded batch and one at a time, for both architectures (multimodal and text-only rope positions)."""
+    from mmemb_lab.inference import generate_rationales
+
+    for arch in ("qwen3_vl", "qwen2_5_vl"):
+        bb = make_backbone(arch)
+        ids, closed = _hf_greedy(bb, inputs, 6)
+        ref = generate_rationales(bb, inputs, 6, batch_size=3)
+        run = gate.gate_and_spans(bb, inputs, -1.0, 6, batch_size=3)
+        assert run.opened == list(range(len(inputs)))
+        assert ref.ids == ids and ref.closed == closed
+        assert run.spans.ids == ids and run.spans.closed == closed and run.spans.texts == ref.texts
+        assert torch.allclose(run.gate.direct, embed(bb, inputs), atol=1e-5)
+        for x in inputs[:3]:
+            assert gate.gate_and_spans(bb, [x], -1.0, 6).spans.ids == _hf_greedy(bb, [x], 6)[0]
+    # a span that closes early stops there; one that does not is cut at the budget
+    bb = make_backbone()
+    close = bb.token_id("</think>")
+    head = bb.model.get_output_embeddings()
+    with torch.no_grad():
+        bias = torch.zeros(head.weight.shape[0])
+        bias[close] = 1e4
+        head.bias = torch.nn.Parameter(bias)
+        try:
+            run = gate.gate_and_spans(bb, inputs, -1.0, 6)
+        finally:
+            head.bias = None
+    assert run.spans.ids == [[]] * len(inputs) and all(run.spans.closed)
+    assert run.spans.n_tokens == [1] * len(inputs)
+
+
+def _spy(monkeypatch):
+    """Rows handed to span generation, per call that generates anything."""
+    calls = []
+    real = gate.continue_spans
+
+    def spy(bb, pre, rows, *a, **k):
+        if rows:
+            calls.append(list(rows))
+        return real(bb, pre, rows, *a, **k)
+    monkeypatch.setattr(gate, "continue_spans", spy)
     return calls
 
 
@@ -64,7 +111,7 @@ def test_an_open_gate_matches_the_always_mode(backbone, inputs, monkeypatch):
     enc = AdaptiveEncoder(backbone, threshold=0.0, max_new_tokens=4)
     out = enc(inputs)
     always = ReasoningEncoder(backbone, max_new_tokens=4)
-    assert len(calls) == 1 and len(calls[0]) == len(inputs)
+    assert calls == [list(range(len(inputs)))]
     assert torch.allclose(out, always(inputs), atol=1e-5)
     assert enc.generated_tokens == always.generated_tokens and all(enc.invoked)
 
@@ -76,7 +123,7 @@ def test_only_inputs_above_the_threshold_generate(backbone, inputs, monkeypatch)
     calls = _spy(monkeypatch)
     enc = AdaptiveEncoder(backbone, threshold=t, max_new_tokens=4)
     out = enc(inputs)
-    assert [x.name for x in calls[0]] == [inputs[i].name for i in above]
+    assert calls == [above]
     assert enc.invoked == [i in above for i in range(len(inputs))]
     direct = embed(backbone, inputs)
     for i in range(len(inputs)):

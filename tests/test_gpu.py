@@ -62,7 +62,7 @@ def test_embeddings_on_gpu_match_cpu():
 
 
 def test_generation_and_gate_on_gpu_match_cpu():
-    from mmemb_lab.gate import gate_forward
+    from mmemb_lab.gate import gate_and_spans, gate_forward
     from mmemb_lab.inference import generate_rationales
 
     cpu, gpu = _pair()
@@ -74,6 +74,9 @@ def test_generation_and_gate_on_gpu_match_cpu():
     o_cpu, o_gpu = gate_forward(cpu, inputs), gate_forward(gpu, inputs)
     assert o_gpu.p_open.device.type == "cpu"
     assert torch.allclose(o_cpu.p_open, o_gpu.p_open, atol=1e-4)
+    run = gate_and_spans(gpu, inputs, -1.0, 24)  # spans continued from the gate's prefill, on the GPU
+    assert run.gate.direct.device.type == "cpu"
+    assert np.mean([a == b for a, b in zip(run.spans.texts, g_gpu.texts)]) >= 0.9, (run.spans.texts, g_gpu.texts)
 
 
 def test_load_backbone_on_gpu_keeps_the_checkpoint_dtype_and_bf16_is_close_to_fp32():

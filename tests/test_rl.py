@@ -78,21 +78,26 @@ def one_thread():
     yield
 
 
-def _run(bb, tmp_path, reward_funcs=None, reward=RewardConfig(), steps=4, **kw):
+def _run(bb, tmp_path, reward_funcs=None, reward=RewardConfig(), steps=4, progress=False, **kw):
     pairs = toy_rl_pairs(0, 0.5, 1, datasets=["toy_qa", "toy_t2i", "toy_cls", "toy_doc"])
     cfg = RLConfig(steps=steps, lr=3e-2, prompts_per_step=2, num_generations=4, max_completion_length=6,
                    probe_every=2, reward=reward, **kw)
     before = probe_invocation(bb, [p.query for p in pairs])["mean_p_open"]
-    res = train_rl(bb, pairs, cfg, tmp_path, reward_funcs=reward_funcs)
+    res = train_rl(bb, pairs, cfg, tmp_path, reward_funcs=reward_funcs, progress=progress)
     after = probe_invocation(bb, [p.query for p in pairs])["mean_p_open"]
     return res, before, after
 
 
-def test_grpo_with_the_stage2_rewards_lowers_invocation_when_reasoning_only_costs(make_backbone, tmp_path, one_thread):
+def test_grpo_with_the_stage2_rewards_lowers_invocation_when_reasoning_only_costs(make_backbone, tmp_path, one_thread,
+                                                                                   capfd):
     """Constructed case: the tiny random model never writes a span that helps, so with a price on
-    reasoning the full reward (utility + cost + format, through trl) favours direct completions."""
+    reasoning the full reward (utility + cost + format, through trl) favours direct completions. With a
+    progress bar, the log dicts are not printed under it (the history holds them)."""
     bb = make_backbone(seed=11)
-    res, before, after = _run(bb, tmp_path, reward=RewardConfig(cost_per_token=0.1, cost_per_invocation=1.0))
+    res, before, after = _run(bb, tmp_path, reward=RewardConfig(cost_per_token=0.1, cost_per_invocation=1.0),
+                              progress=True)
+    printed = capfd.readouterr()
+    assert "4/4" in printed.err and "'loss'" not in printed.out + printed.err
     assert after < before - 0.1, (before, after)
     assert res.steps_done == 4 and len(res.history) == 4
     assert {"rewards/utility_gap/mean", "rewards/reasoning_cost/mean", "rewards/format/mean",
