@@ -83,6 +83,13 @@ def test_spans_from_the_gate_prefill_equal_generate(make_backbone, inputs):
     assert run.spans.n_tokens == [1] * len(inputs)
 
 
+def test_bench_of_the_span_continuation_runs_and_writes_the_same_spans(backbone):
+    from mmemb_lab.bench import gate_span_reuse
+
+    res = gate_span_reuse(backbone, n=2, max_new_tokens=3)
+    assert res["same_spans"] is True and res["gate_continued_ms"] > 0 and res["fresh_over_continued"] > 0
+
+
 def _spy(monkeypatch):
     """Rows handed to span generation, per call that generates anything."""
     calls = []
