@@ -61,6 +61,33 @@ def test_embeddings_on_gpu_match_cpu():
     assert torch.allclose(e_cpu, e_gpu, atol=2e-4), float((e_cpu - e_gpu).abs().max())
 
 
+def _padded_batch():
+    """The demo's first length-sorted batch of toy_video_ret eval queries: 32 text queries, 65 tokens, all but
+    one left-padded (11-19 positions)."""
+    from mmemb_lab.data import item_query
+    from mmemb_lab.embed import length_key
+    from mmemb_lab.world.tasks import make_item
+
+    qs = [item_query(make_item("toy_video_ret", 0, "eval", i, 0.65)) for i in range(100)]
+    return sorted(qs, key=length_key)[:32]
+
+
+@pytest.mark.xfail(strict=True, reason="open bug: CUDA memory-efficient SDPA, left-padded batch (found 2026-11-27)")
+def test_a_left_padded_batch_embeds_on_gpu_as_on_cpu():
+    """Found running ``mmemb_lab demo`` on an H200 (torch 2.11+cu130, fp32): toy_video_ret's easy queries
+    scored Hit@1 0 on the GPU against 90 on the CPU, everything else equal. Their length-sorted batch (this
+    one) embeds up to 0.44 away from the CPU under transformers' SDPA; the same batch one input at a time, or
+    in the gate's input-order batches, agrees to 1e-7. Forcing SDPBackend.MATH agreed to 1e-7; forcing
+    EFFICIENT_ATTENTION reproduced the 0.44; letting fully masked (padding) rows attend to every key did not
+    fix it (0.31). Strict: when this passes, the bug is gone (or fixed) and the marker must go."""
+    from mmemb_lab.embed import embed
+
+    cpu, gpu = _pair()
+    q = _padded_batch()
+    e_cpu, e_gpu = embed(cpu, q, batch_size=32), embed(gpu, q, batch_size=32)
+    assert torch.allclose(e_cpu, e_gpu, atol=2e-4), float((e_cpu - e_gpu).abs().max())
+
+
 def test_generation_and_gate_on_gpu_match_cpu():
     from mmemb_lab.gate import gate_and_spans, gate_forward
     from mmemb_lab.inference import generate_rationales
