@@ -43,7 +43,7 @@ import torch
 
 from .backbone import EMB_TOKEN, THINK_OPEN, Backbone
 from .embed import Input, base_model, collate, embed, pool
-from .inference import Generated, cache_of, rope_positions, write_spans
+from .inference import Generated, cache_of, embed_after, rope_positions, write_spans
 
 
 @dataclass(frozen=True)
@@ -202,8 +202,7 @@ class AdaptiveEncoder:
         rats: list[str | None] = [None] * len(inputs)
         if idx:
             sub = [inputs[i] for i in idx]
-            out[idx] = embed(self.backbone, [replace(x, rationale=t) for x, t in zip(sub, gen.texts)],
-                             batch_size=self.batch_size)
+            out[idx] = embed_after(self.backbone, sub, gen.texts, self.batch_size)
             for j, i in enumerate(idx):
                 tokens[i], rats[i] = gen.n_tokens[j], gen.texts[j]
             self.unclosed += sum(not c for c in gen.closed)
@@ -325,8 +324,7 @@ def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: flo
         if idx:
             sub = [inputs[i] for i in idx]
             t0 = time.perf_counter()
-            reasoned[idx] = embed(backbone, [replace(x, rationale=t) for x, t in zip(sub, gen.texts)],
-                                  batch_size=batch_size)
+            reasoned[idx] = embed_after(backbone, sub, gen.texts, batch_size)
             t_reason += run.span_s + time.perf_counter() - t0
             tokens[idx] = gen.n_tokens
         n_q, n_r = n_q + len(inputs), n_r + len(idx)
@@ -335,7 +333,7 @@ def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: flo
         for i, x in enumerate(inputs[:latency_sample]):
             one = gate_and_spans(backbone, [x], -1.0, max_new_tokens)  # every sampled query writes its span
             t0 = time.perf_counter()
-            embed(backbone, [replace(x, rationale=one.spans.texts[0])])
+            embed_after(backbone, [x], one.spans.texts)
             lat_gate.append(1000 * one.gate_s)
             lat_reason.append(1000 * (one.span_s + time.perf_counter() - t0))
             lat_p.append(p[i])

@@ -16,7 +16,7 @@ Used by: stage 1 evaluation (summary.json ``eval.always`` / ``eval.oracle``), st
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -126,6 +126,12 @@ def generate_rationales(backbone: Backbone, inputs: Sequence[Input], max_new_tok
     return Generated(texts, closed, span_ids)
 
 
+def embed_after(backbone: Backbone, inputs: Sequence[Input], rationales: Sequence[str],
+                batch_size: int = 32) -> torch.Tensor:
+    """Embeddings of ``inputs`` read after their reasoning spans (one prefill each over prompt + span)."""
+    return embed(backbone, [replace(x, rationale=r) for x, r in zip(inputs, rationales)], batch_size=batch_size)
+
+
 @dataclass
 class ReasoningEncoder:
     """A query encoder for ``evaluate``: generate a rationale, then embed after it. Keeps token counts."""
@@ -142,5 +148,4 @@ class ReasoningEncoder:
         self.generated_tokens += g.n_tokens
         self.unclosed += sum(not c for c in g.closed)
         self.last_rationales = g.texts
-        return embed(self.backbone, [Input(x.text, x.visual, x.instruction, t, x.name)
-                                     for x, t in zip(inputs, g.texts)], batch_size=self.batch_size)
+        return embed_after(self.backbone, inputs, g.texts, self.batch_size)
