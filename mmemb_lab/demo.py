@@ -17,8 +17,8 @@ from pathlib import Path
 from .evaluate import evaluate
 from .figures import description_accuracy as description_figure
 from .figures import (
-    easy_hard_by_dataset, gain_by_worker, gain_scatter, gate_curve, gate_invocation, modes_easy_hard, rl_curves,
-    save_figure, selection_outcome, stage1_curves,
+    easy_hard_by_dataset, gain_by_worker, gain_scatter, gate_curve, gate_invocation, modes_easy_hard,
+    reasoning_headroom, rl_curves, save_figure, selection_outcome, stage1_curves,
 )
 from .foundation import description_accuracy, load_foundation, skill_accuracy, train_foundation
 from .paths import foundation_dir, worlds_dir
@@ -74,7 +74,9 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
                                        progress=progress)
         main = sels[cfg.selection.variant]
         selection_block = selection_summary(main, {k: v for k, v in sels.items() if k != cfg.selection.variant})
-        selection_block["gold_rationale_gain_hard"] = gold_rationale_gain(backbone, root, registry)["mean"]
+        gold = gold_rationale_gain(backbone, root, registry)
+        selection_block["gold_rationale_gain_hard"] = gold["mean"]
+        selection_block["gold_rationale_hard_per_dataset"] = {"direct": gold["direct"], "gold": gold["gold"]}
         figs.update({"selection_gain_scatter": gain_scatter(table, cfg.selection.tau),
                      "selection_gain_by_worker": gain_by_worker(table, cfg.selection.variant),
                      "selection_outcome": selection_outcome(main)})
@@ -109,6 +111,8 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
                          "gate_curve": gate_curve(gate_block["curve"]),
                          "rl_curves": rl_curves(stage2_block["reward_during_rl"], stage2_block["invocation_during_rl"])})
         figs["modes_easy_hard"] = modes_easy_hard(evals)
+    if selection_block:
+        figs["reasoning_headroom"] = reasoning_headroom(evals["stage0_direct"], selection_block, gate_block)
     else:
         log.info("[5/7] (no stage 1 in this preset)")
     log.info("[7/7] writing summary and figures")

@@ -244,6 +244,40 @@ def gate_invocation(adaptive: dict, gate: dict) -> go.Figure:
     return fig
 
 
+def reasoning_headroom(stage0: dict, selection: dict, gate: dict | None = None) -> go.Figure:
+    """Where reasoning can help this model, per dataset, on hard items.
+
+    Left: the stage-0 model's score on hard items directly and with the world's gold rationale in the span,
+    against its score on easy items (what a fully resolved chain should bring a hard item back to). Right:
+    the share of hard training pairs that selection gave a rationale, and the share of hard evaluation
+    queries on which the gate opens. Where the gold rationale does not lift the evaluator, selection keeps
+    none and a gate that follows the reward stays shut: the limit is the model's reading, not the rule."""
+    from plotly.subplots import make_subplots
+
+    gold = selection["gold_rationale_hard_per_dataset"]
+    names = list(gold["direct"])
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45],
+                        subplot_titles=("stage-0 score on hard items", "share of hard items given reasoning"))
+    fig.add_bar(x=names, y=[gold["direct"][n] for n in names], name="direct", marker_color=HARD, row=1, col=1)
+    fig.add_bar(x=names, y=[gold["gold"][n] for n in names], name="with the gold rationale",
+                marker_color="#54A24B", row=1, col=1)
+    fig.add_scatter(x=names, y=[stage0["per_dataset_easy"].get(n) for n in names], mode="markers",
+                    marker={"symbol": "line-ew-open", "size": 26, "color": EASY, "line": {"width": 3}},
+                    name="direct, easy items", row=1, col=1)
+    kept = selection["no_reasoning_rate_hard_per_dataset"]
+    fig.add_bar(x=names, y=[1 - kept[n] if n in kept else None for n in names], name="selection kept a rationale",
+                marker_color="#B279A2", row=1, col=2)
+    if gate:
+        per = gate["invocation_per_dataset"]
+        fig.add_bar(x=names, y=[per[n]["hard"] if n in per else None for n in names], name="gate opens (eval)",
+                    marker_color="#888888", row=1, col=2)
+    fig.update_yaxes(title_text="score (%)", range=[0, 105], row=1, col=1)
+    fig.update_yaxes(title_text="share of hard items", range=[0, 1.05], row=1, col=2)
+    fig.update_layout(title="Where reasoning can help this model (hard items)", barmode="group",
+                      legend_orientation="h", template="plotly_white")
+    return fig
+
+
 def gate_curve(curve: list[dict]) -> go.Figure:
     """Threshold sweep: accuracy against invocation rate and against latency, paper optimum marked."""
     from plotly.subplots import make_subplots

@@ -296,6 +296,16 @@ class Selection:
         m = self.table.needs_reasoning == hard
         return float(np.mean(self.choice[m] < 0)) if m.any() else float("nan")
 
+    def no_reasoning_rate_per_dataset(self, hard: bool) -> dict[str, float]:
+        """``no_reasoning_rate`` within each dataset (datasets without such pairs are left out)."""
+        names = np.asarray(self.table.datasets)
+        out = {}
+        for name in sorted(set(self.table.datasets)):
+            m = (names == name) & (self.table.needs_reasoning == hard)
+            if m.any():
+                out[name] = float(np.mean(self.choice[m] < 0))
+        return out
+
     def rationale(self, i: int) -> str | None:
         return None if self.choice[i] < 0 else self.table.texts[i][self.choice[i]]
 
@@ -361,6 +371,7 @@ def selection_summary(sel: Selection, baselines: dict[str, Selection]) -> dict:
             "precision": sel.precision(), "selected_share_by_worker": sel.share_by_worker(),
             "no_reasoning_rate_easy": sel.no_reasoning_rate(False),
             "no_reasoning_rate_hard": sel.no_reasoning_rate(True),
+            "no_reasoning_rate_hard_per_dataset": sel.no_reasoning_rate_per_dataset(True),
             "baselines": {k: {"precision": b.precision(), "selected_share_by_worker": b.share_by_worker(),
                               "no_reasoning_rate_easy": b.no_reasoning_rate(False),
                               "no_reasoning_rate_hard": b.no_reasoning_rate(True)} for k, b in baselines.items()}}
@@ -368,11 +379,15 @@ def selection_summary(sel: Selection, baselines: dict[str, Selection]) -> dict:
 
 def gold_rationale_gain(evaluator: Backbone, world_root, registry, hard_only: bool = True) -> dict:
     """Hit@1 (or the dataset's metric) on hard eval items with the gold rationale appended minus without,
-    per dataset and as the unweighted mean over datasets, in points."""
+    per dataset and as the unweighted mean over datasets, in points.
+
+    Also returns both scores per dataset (``direct``, ``gold``): where even the gold rationale does not
+    lift the evaluator, no selection rule can find a rationale that helps, and a reward-following gate has
+    no reason to open (the demo's ``reasoning_headroom`` figure)."""
     from .data import load_eval
     from .evaluate import score_set
 
-    per = {}
+    per, scores = {}, {"direct": {}, "gold": {}}
     for name, info in registry.items():
         es = load_eval(world_root, name, info.eval_type)
         qs = [q for q in es.queries if q.needs_reasoning or not hard_only]
@@ -383,8 +398,10 @@ def gold_rationale_gain(evaluator: Backbone, world_root, registry, hard_only: bo
         direct = embed(evaluator, [q.query for q in qs])
         gold = embed(evaluator, [Input(q.query.text, q.query.visual, q.query.instruction,
                                        " ".join(q.gold_steps) or None, q.query.name) for q in qs])
-        per[name] = score_set(sub, gold, c, info.metric).score - score_set(sub, direct, c, info.metric).score
-    return {"mean": float(np.mean(list(per.values()))) if per else float("nan"), "per_dataset": per}
+        scores["gold"][name] = score_set(sub, gold, c, info.metric).score
+        scores["direct"][name] = score_set(sub, direct, c, info.metric).score
+        per[name] = scores["gold"][name] - scores["direct"][name]
+    return {"mean": float(np.mean(list(per.values()))) if per else float("nan"), "per_dataset": per, **scores}
 
 
 

@@ -24,6 +24,13 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
     assert {"precision", "selected_share_by_worker", "no_reasoning_rate_easy", "no_reasoning_rate_hard",
             "gold_rationale_gain_hard"} <= set(sel)
     assert {"random_worker", "removal_only"} <= set(sel["baselines"])
+    gold, s0 = sel["gold_rationale_hard_per_dataset"], on_disk["eval"]["stage0_direct"]
+    assert set(gold["direct"]) == set(gold["gold"]) == set(s0["per_dataset_hard"])
+    for name, v in gold["direct"].items():  # the same model on the same hard queries as the stage-0 evaluation
+        assert abs(v - s0["per_dataset_hard"][name]) < 1e-6, name
+    assert abs(sel["gold_rationale_gain_hard"] - sum(gold["gold"][n] - gold["direct"][n] for n in gold["gold"])
+               / len(gold["gold"])) < 1e-9
+    assert set(sel["no_reasoning_rate_hard_per_dataset"]) <= set(gold["direct"])
     st = on_disk["stage1"]
     assert {"rationale_sensitivity", "rationale_step_accuracy", "rationale_answer_accuracy"} <= set(st)
     assert {"rationale_sensitivity", "always"} <= set(st["ablation_random_worker"])
@@ -37,7 +44,7 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
     rates = [p["invocation_rate"] for p in gate["curve"]]  # decreasing thresholds: non-decreasing invocation
     assert len(rates) == 3 and rates == sorted(rates)
     assert len(on_disk["stage2"]["reward_during_rl"]) == 2  # the smoke preset's GRPO steps
-    for name in ("gate_curve", "gate_invocation", "rl_curves", "modes_easy_hard"):
+    for name in ("gate_curve", "gate_invocation", "rl_curves", "modes_easy_hard", "reasoning_headroom"):
         assert (tmp_path / "run" / "figures" / f"{name}.html").exists(), name
     # a rerun reuses every finished step (world, stage 1, the RL model) and rewrites the same summary shape
     again = run_demo(seed=3, out=tmp_path / "run", preset="smoke", world_dir=tmp_path / "world", progress=False,

@@ -4,6 +4,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -191,3 +192,26 @@ def test_both_max_does_not_keep_a_rationale_for_out_gaining_its_own_workers_swap
     assert (t.gains("both_max") < TAU).all() and select(t, "both_max").choice[0] == -1
     good = dataclasses.replace(t, logp_swap=np.array([[-1.5, -1.18]]))  # a partner the correct one does beat
     assert select(good, "both_max").choice[0] == 0
+
+
+def test_no_reasoning_per_dataset_and_the_headroom_figure_show_the_tables_numbers():
+    from mmemb_lab.figures import reasoning_headroom
+    from mmemb_lab.selection import Selection
+
+    t = dataclasses.replace(_tied_table(4, 2), datasets=["toy_qa"] * 3 + ["toy_doc"] * 3,
+                            needs_reasoning=np.array([True, True, False, True, True, True]))
+    s = Selection("both", TAU, np.array([0, -1, -1, -1, -1, 1]), t)
+    per = s.no_reasoning_rate_per_dataset(True)
+    assert per == {"toy_doc": 2 / 3, "toy_qa": 0.5}   # the easy qa pair counts in neither
+    assert s.no_reasoning_rate_per_dataset(False) == {"toy_qa": 1.0}
+    sel = {"no_reasoning_rate_hard_per_dataset": per,
+           "gold_rationale_hard_per_dataset": {"direct": {"toy_qa": 30.0, "toy_doc": 50.0},
+                                               "gold": {"toy_qa": 90.0, "toy_doc": 52.0}}}
+    gate = {"invocation_per_dataset": {"toy_qa": {"hard": 0.9}, "toy_doc": {"hard": 0.0}}}
+    fig = reasoning_headroom({"per_dataset_easy": {"toy_qa": 100.0, "toy_doc": 62.0}}, sel, gate)
+    bars = {tr.name: dict(zip(tr.x, tr.y)) for tr in fig.data}
+    assert bars["direct"] == {"toy_qa": 30.0, "toy_doc": 50.0} and bars["with the gold rationale"]["toy_doc"] == 52.0
+    assert bars["direct, easy items"] == {"toy_qa": 100.0, "toy_doc": 62.0}
+    assert bars["selection kept a rationale"] == {"toy_qa": 0.5, "toy_doc": pytest.approx(1 / 3)}
+    assert bars["gate opens (eval)"] == {"toy_qa": 0.9, "toy_doc": 0.0}
+    assert "gate opens (eval)" not in {tr.name for tr in reasoning_headroom({"per_dataset_easy": {}}, sel).data}
