@@ -387,7 +387,17 @@ def make_video_ret(rng, idx, hard):
     against 90 / 100 / 86 on easy ones, and selection's evaluator gives p(t+) > 0.5 to 91-94% of hard
     training pairs. Each attribute is a chain of 1-2 hops, which one forward of the 3-layer model still
     composes. So, for this model, these items do not need reasoning: selection keeps no rationale for them,
-    and the gate stays shut on them. A deeper chain per attribute (a new world version) is the open fix."""
+    and the gate stays shut on them.
+
+    Deeper chains were measured and not adopted (2026-11-27; seed-0 eval pool, stage-0 model, this builder
+    patched, hard direct / hard with the gold rationale, Hit@1): 1-2 colour and 1-2 cell hops (about
+    today's) 81 / 67; 2-3 and 2-3 hops 42 / 48; 3-4 and 3-4 hops 0 / 28 (easy items 81-94 in the same
+    pools). Deeper chains do make these items need reasoning, but the model reads the resolved description
+    in the span poorly: the gold rationale lifts it to 28 at best, and on today's items it lowers the score
+    (also after stage 1: gold-rationale gain -17 for the stage-0 model, -20 for seed 0's stage-1 model).
+    Ending the rationale with the whole resolved query instead of "so a <colour> <shape> at <cell>." made it
+    worse (28 -> 9 at 3-4 hops). So a deeper world alone would give selection and the gate little to keep
+    here; the model's reading of text-side rationales is the limit (as for toy_t2i and toy_doc)."""
     video, _, _ = video_scene_chain(rng, False)
     ev1, ev2 = video.events
     d1, steps = described_object(rng, ev1.obj, ev1.dst, hard)
