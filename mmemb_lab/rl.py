@@ -424,7 +424,8 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
 
 class GreedyRationales:
     """The rationale the model writes greedily after ``<think>`` for each training query, generated once, at
-    construction (before ``train_rl`` wraps ``generate`` for rollouts), in batches. With ``train="decision"``
+    construction, in batches, by ``inference.generate_rationales`` (its own greedy loop: the exploration that
+    ``train_rl`` adds to the model's ``generate`` for rollouts never reaches it). With ``train="decision"``
     the writer does not change during RL (``inference.generate_rationales`` cannot draw the one row that
     trains, ``<think>``, inside a span), so the cache stays exact.
 
