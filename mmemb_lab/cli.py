@@ -82,14 +82,11 @@ def _evaluate(a) -> None:
 
 
 def _demo(a) -> None:
-    from .demo import run_demo
+    from .demo import format_summary, run_demo
 
     s = run_demo(seed=a.seed, out=a.out, preset=a.preset)
-    d = s["eval"]["direct"]
-    print(f"direct: overall {d['overall']:.1f}  easy {d['easy']:.1f}  hard {d['hard']:.1f}  "
-          f"({d['latency_ms_per_query']:.1f} ms/query)")
-    print("foundation sees:", json.dumps({k: round(v, 3) for k, v in s["foundation"]["description_accuracy"].items()}))
-    print(f"wrote {Path(a.out) / 'summary.json'} in {s['wall_s']:.0f} s")
+    print(format_summary(s))
+    print(f"wrote {Path(a.out) / 'summary.json'} and {Path(a.out) / 'figures'} in {s['wall_s']:.0f} s")
 
 
 def _bench(a) -> None:

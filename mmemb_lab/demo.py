@@ -148,6 +148,51 @@ def _arm_entry(args: tuple) -> dict:
     return run_arm(*args)
 
 
+def _num(x, spec: str) -> str:
+    """``x`` formatted, or "n/a" where the summary has none (a gate that never opened has no precision)."""
+    return "n/a" if x is None else format(x, spec)
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text digest of a demo's summary.json: every mode's scores and latency, then what selection
+    kept, where the gate opened and what it cost (printed at the end of ``make demo``)."""
+    ev = summary["eval"]
+    lines = [f"{'mode':14s} {'overall':>8s} {'easy':>6s} {'hard':>6s} {'ms/query':>9s}  reasoning invoked"]
+    for mode in ("stage0_direct", "direct", "always", "oracle", "adaptive"):
+        if mode not in ev:
+            continue
+        d = ev[mode]
+        inv = {"stage0_direct": "never", "direct": "never", "always": "always",
+               "oracle": "where it helps (needs the positive: an upper bound)"}.get(mode)
+        if mode == "adaptive":
+            inv = (f"{d['invocation_rate']:.2f} (easy {d['invocation_rate_easy']:.2f}, hard "
+                   f"{d['invocation_rate_hard']:.2f}); p50 / p95 {d['latency_ms_p50']:.1f} / "
+                   f"{d['latency_ms_p95']:.1f} ms")
+        lines.append(f"{mode:14s} {d['overall']:8.1f} {d['easy']:6.1f} {d['hard']:6.1f} "
+                     f"{d['latency_ms_per_query']:9.1f}  {inv}")
+    sel = summary.get("selection")
+    if sel:
+        lines.append(f"selection ({sel['variant']}, tau {sel['tau']:.2f}): "
+                     f"precision {_num(sel['precision'], '.3f')}; "
+                     f"no reasoning on {sel['no_reasoning_rate_easy']:.2f} of easy / "
+                     f"{sel['no_reasoning_rate_hard']:.2f} of hard pairs; "
+                     f"the gold rationale adds {sel['gold_rationale_gain_hard']:+.1f} on hard items")
+        per = sel.get("no_reasoning_rate_hard_per_dataset")
+        if per:
+            lines.append("  no reasoning on hard pairs, per dataset: "
+                         + ", ".join(f"{k.removeprefix('toy_')} {v:.2f}" for k, v in per.items()))
+    gate = summary.get("gate")
+    if gate:
+        lines.append(f"gate (threshold {gate['threshold']}): precision / recall vs needs_reasoning "
+                     f"{_num(gate['precision_vs_needs_reasoning'], '.2f')} / "
+                     f"{_num(gate['recall_vs_needs_reasoning'], '.2f')}; "
+                     + ("the gate never closed" if gate["latency_ms_not_invoked"] is None
+                        else f"a closed gate costs {gate['latency_ms_not_invoked']:.1f} ms"))
+    lines.append("foundation sees: " + ", ".join(f"{k} {v:.3f}"
+                                                 for k, v in summary["foundation"]["description_accuracy"].items()))
+    return "\n".join(lines)
+
+
 def run_arms(foundation: str, world_root: str, info: dict, selection_dir: str, out: Path, cfg: RunConfig,
              seed: int) -> dict[str, dict]:
     """Stage 1 with selected rationales (ours) and with random-worker rationales (ablation), trained at equal

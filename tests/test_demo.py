@@ -53,4 +53,15 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
     assert (tmp_path / "run" / "figures" / "direct_easy_vs_hard.html").exists()
     assert (tmp_path / "figures" / "direct_easy_vs_hard.html").exists()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["preset"] == "smoke"
+    # the digest `make demo` prints ends the run: one row per mode, read from the summary
+    from mmemb_lab.demo import format_summary
+
+    text = format_summary(on_disk)
+    for mode in ("stage0_direct", "direct", "always", "oracle", "adaptive"):
+        row = next(line for line in text.splitlines() if line.split()[0] == mode)
+        assert float(row.split()[1]) == round(on_disk["eval"][mode]["overall"], 1), row
+    assert f"{sel['no_reasoning_rate_hard']:.2f} of hard pairs" in text
+    assert ("a closed gate costs" in text) == (gate["latency_ms_not_invoked"] is not None)
+    bare = {"eval": {"direct": on_disk["eval"]["direct"]}, "foundation": on_disk["foundation"]}  # no stages 1-2
+    assert len(format_summary(bare).splitlines()) == 3
     assert s["eval"]["direct"]["overall"] == on_disk["eval"]["direct"]["overall"]
