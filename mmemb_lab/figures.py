@@ -249,9 +249,10 @@ def reasoning_headroom(stage0: dict, selection: dict, gate: dict | None = None) 
 
     Left: the stage-0 model's score on hard items directly and with the world's gold rationale in the span,
     against its score on easy items (what a fully resolved chain should bring a hard item back to). Right:
-    the share of hard training pairs that selection gave a rationale, and the share of hard evaluation
-    queries on which the gate opens. Where the gold rationale does not lift the evaluator, selection keeps
-    none and a gate that follows the reward stays shut: the limit is the model's reading, not the rule."""
+    the share of hard training pairs that selection gave a rationale, the share it could not (the evaluator
+    already gives the positive p >= exp(-tau) directly), and the share of hard evaluation queries on which
+    the gate opens. Where the gold rationale does not lift the evaluator, selection keeps none and a gate
+    that follows the reward stays shut: the limit is the model's reading, not the rule."""
     from plotly.subplots import make_subplots
 
     gold = selection["gold_rationale_hard_per_dataset"]
@@ -267,6 +268,10 @@ def reasoning_headroom(stage0: dict, selection: dict, gate: dict | None = None) 
     kept = selection["no_reasoning_rate_hard_per_dataset"]
     fig.add_bar(x=names, y=[1 - kept[n] if n in kept else None for n in names], name="selection kept a rationale",
                 marker_color="#B279A2", row=1, col=2)
+    solved = selection.get("solved_directly_rate_hard_per_dataset")
+    if solved:
+        fig.add_bar(x=names, y=[solved.get(n) for n in names], name="solved directly (no rationale can gain tau)",
+                    marker_color=EASY, opacity=0.6, row=1, col=2)
     if gate:
         per = gate["invocation_per_dataset"]
         fig.add_bar(x=names, y=[per[n]["hard"] if n in per else None for n in names], name="gate opens (eval)",

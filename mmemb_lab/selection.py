@@ -296,6 +296,19 @@ class Selection:
         m = self.table.needs_reasoning == hard
         return float(np.mean(self.choice[m] < 0)) if m.any() else float("nan")
 
+    def solved_directly_rate_per_dataset(self, hard: bool) -> dict[str, float]:
+        """Share of pairs whose direct confidence is already p(t+ | q) >= exp(-tau), per dataset. Removal gains
+        are capped at -log p(t+ | q), so on these pairs no rationale can clear tau: "no reasoning" is forced
+        there by the evaluator's own confidence, not by the candidates."""
+        names = np.asarray(self.table.datasets)
+        solved = self.table.logp_direct >= -self.tau
+        out = {}
+        for name in sorted(set(self.table.datasets)):
+            m = (names == name) & (self.table.needs_reasoning == hard)
+            if m.any():
+                out[name] = float(np.mean(solved[m]))
+        return out
+
     def no_reasoning_rate_per_dataset(self, hard: bool) -> dict[str, float]:
         """``no_reasoning_rate`` within each dataset (datasets without such pairs are left out)."""
         names = np.asarray(self.table.datasets)
@@ -372,6 +385,7 @@ def selection_summary(sel: Selection, baselines: dict[str, Selection]) -> dict:
             "no_reasoning_rate_easy": sel.no_reasoning_rate(False),
             "no_reasoning_rate_hard": sel.no_reasoning_rate(True),
             "no_reasoning_rate_hard_per_dataset": sel.no_reasoning_rate_per_dataset(True),
+            "solved_directly_rate_hard_per_dataset": sel.solved_directly_rate_per_dataset(True),
             "baselines": {k: {"precision": b.precision(), "selected_share_by_worker": b.share_by_worker(),
                               "no_reasoning_rate_easy": b.no_reasoning_rate(False),
                               "no_reasoning_rate_hard": b.no_reasoning_rate(True)} for k, b in baselines.items()}}

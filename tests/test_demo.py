@@ -31,6 +31,8 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
     assert abs(sel["gold_rationale_gain_hard"] - sum(gold["gold"][n] - gold["direct"][n] for n in gold["gold"])
                / len(gold["gold"])) < 1e-9
     assert set(sel["no_reasoning_rate_hard_per_dataset"]) <= set(gold["direct"])
+    for name, solved in sel["solved_directly_rate_hard_per_dataset"].items():  # those can only go without
+        assert solved <= sel["no_reasoning_rate_hard_per_dataset"][name] + 1e-9, name
     st = on_disk["stage1"]
     assert {"rationale_sensitivity", "rationale_step_accuracy", "rationale_answer_accuracy"} <= set(st)
     assert {"rationale_sensitivity", "always"} <= set(st["ablation_random_worker"])

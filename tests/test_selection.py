@@ -199,12 +199,16 @@ def test_no_reasoning_per_dataset_and_the_headroom_figure_show_the_tables_number
     from mmemb_lab.selection import Selection
 
     t = dataclasses.replace(_tied_table(4, 2), datasets=["toy_qa"] * 3 + ["toy_doc"] * 3,
-                            needs_reasoning=np.array([True, True, False, True, True, True]))
+                            needs_reasoning=np.array([True, True, False, True, True, True]),
+                            logp_direct=np.log([0.9, 0.2, 0.9, 0.55, 0.45, 0.1]))
     s = Selection("both", TAU, np.array([0, -1, -1, -1, -1, 1]), t)
     per = s.no_reasoning_rate_per_dataset(True)
     assert per == {"toy_doc": 2 / 3, "toy_qa": 0.5}   # the easy qa pair counts in neither
     assert s.no_reasoning_rate_per_dataset(False) == {"toy_qa": 1.0}
-    sel = {"no_reasoning_rate_hard_per_dataset": per,
+    # p(t+ | q) >= 1/2 = exp(-ln 2): no rationale can double it (0.55 is solved, 0.45 is not)
+    solved = s.solved_directly_rate_per_dataset(True)
+    assert solved == {"toy_doc": 1 / 3, "toy_qa": 0.5}
+    sel = {"no_reasoning_rate_hard_per_dataset": per, "solved_directly_rate_hard_per_dataset": solved,
            "gold_rationale_hard_per_dataset": {"direct": {"toy_qa": 30.0, "toy_doc": 50.0},
                                                "gold": {"toy_qa": 90.0, "toy_doc": 52.0}}}
     gate = {"invocation_per_dataset": {"toy_qa": {"hard": 0.9}, "toy_doc": {"hard": 0.0}}}
@@ -214,4 +218,5 @@ def test_no_reasoning_per_dataset_and_the_headroom_figure_show_the_tables_number
     assert bars["direct, easy items"] == {"toy_qa": 100.0, "toy_doc": 62.0}
     assert bars["selection kept a rationale"] == {"toy_qa": 0.5, "toy_doc": pytest.approx(1 / 3)}
     assert bars["gate opens (eval)"] == {"toy_qa": 0.9, "toy_doc": 0.0}
+    assert bars["solved directly (no rationale can gain tau)"] == {"toy_qa": 0.5, "toy_doc": pytest.approx(1 / 3)}
     assert "gate opens (eval)" not in {tr.name for tr in reasoning_headroom({"per_dataset_easy": {}}, sel).data}
