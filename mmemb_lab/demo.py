@@ -111,10 +111,10 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
                          "gate_curve": gate_curve(gate_block["curve"]),
                          "rl_curves": rl_curves(stage2_block["reward_during_rl"], stage2_block["invocation_during_rl"])})
         figs["modes_easy_hard"] = modes_easy_hard(evals)
-    if selection_block:
-        figs["reasoning_headroom"] = reasoning_headroom(evals["stage0_direct"], selection_block, gate_block)
     else:
         log.info("[5/7] (no stage 1 in this preset)")
+    if selection_block:
+        figs["reasoning_headroom"] = reasoning_headroom(evals["stage0_direct"], selection_block, gate_block)
     log.info("[7/7] writing summary and figures")
     if "direct" not in evals:
         evals["direct"] = evals["stage0_direct"]

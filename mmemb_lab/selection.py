@@ -300,24 +300,17 @@ class Selection:
         """Share of pairs whose direct confidence is already p(t+ | q) >= exp(-tau), per dataset. Removal gains
         are capped at -log p(t+ | q), so on these pairs no rationale can clear tau: "no reasoning" is forced
         there by the evaluator's own confidence, not by the candidates."""
-        names = np.asarray(self.table.datasets)
-        solved = self.table.logp_direct >= -self.tau
-        out = {}
-        for name in sorted(set(self.table.datasets)):
-            m = (names == name) & (self.table.needs_reasoning == hard)
-            if m.any():
-                out[name] = float(np.mean(solved[m]))
-        return out
+        return self._mean_per_dataset(self.table.logp_direct >= -self.tau, hard)
 
     def no_reasoning_rate_per_dataset(self, hard: bool) -> dict[str, float]:
         """``no_reasoning_rate`` within each dataset (datasets without such pairs are left out)."""
+        return self._mean_per_dataset(self.choice < 0, hard)
+
+    def _mean_per_dataset(self, flags: np.ndarray, hard: bool) -> dict[str, float]:
+        """Mean of per-pair ``flags`` over the easy or hard pairs of each dataset that has some."""
         names = np.asarray(self.table.datasets)
-        out = {}
-        for name in sorted(set(self.table.datasets)):
-            m = (names == name) & (self.table.needs_reasoning == hard)
-            if m.any():
-                out[name] = float(np.mean(self.choice[m] < 0))
-        return out
+        masks = {n: (names == n) & (self.table.needs_reasoning == hard) for n in sorted(set(self.table.datasets))}
+        return {n: float(np.mean(flags[m])) for n, m in masks.items() if m.any()}
 
     def rationale(self, i: int) -> str | None:
         return None if self.choice[i] < 0 else self.table.texts[i][self.choice[i]]
