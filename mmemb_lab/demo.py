@@ -153,6 +153,24 @@ def _num(x, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def latency_check(adaptive: dict, always: dict, timed: dict) -> str:
+    """Issue 5's cost line, adaptive <= (invocation rate + 0.1) x always, and what it is made of.
+
+    The bound takes the invocation rate over every evaluation query, but latency is timed on a sample
+    (``latency_sample`` queries per dataset, ``gate["latency"]``). So the line also shows the sample's own
+    share of opened queries, and what an opened query cost beside the always mode on the same queries."""
+    bound = (adaptive["invocation_rate"] + 0.1) * always["latency_ms_per_query"]
+    ok = adaptive["latency_ms_per_query"] <= bound
+    text = (f"cost line: adaptive {adaptive['latency_ms_per_query']:.1f} ms "
+            f"{'<=' if ok else '>'} (invocation {adaptive['invocation_rate']:.2f} + 0.1) x always "
+            f"{always['latency_ms_per_query']:.1f} = {bound:.1f} ms ({'met' if ok else 'NOT met'}); "
+            f"on the {timed['n']} timed queries the gate opened on {timed['invoked_share']:.2f}")
+    if timed.get("invoked_ms") is not None:
+        text += (f", an opened one cost {timed['invoked_ms']:.1f} ms "
+                 f"(always on the same queries {timed['always_ms_on_invoked']:.1f})")
+    return text
+
+
 def format_summary(summary: dict) -> str:
     """A plain-text digest of a demo's summary.json: every mode's scores and latency, then what selection
     kept, where the gate opened and what it cost (printed at the end of ``make demo``)."""
@@ -188,6 +206,8 @@ def format_summary(summary: dict) -> str:
                      f"{_num(gate['recall_vs_needs_reasoning'], '.2f')}; "
                      + ("the gate never closed" if gate["latency_ms_not_invoked"] is None
                         else f"a closed gate costs {gate['latency_ms_not_invoked']:.1f} ms"))
+        if "adaptive" in ev and "always" in ev and "latency" in gate:
+            lines.append(latency_check(ev["adaptive"], ev["always"], gate["latency"]))
     lines.append("foundation sees: " + ", ".join(f"{k} {v:.3f}"
                                                  for k, v in summary["foundation"]["description_accuracy"].items()))
     return "\n".join(lines)

@@ -64,6 +64,12 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
         assert float(row.split()[1]) == round(on_disk["eval"][mode]["overall"], 1), row
     assert f"{sel['no_reasoning_rate_hard']:.2f} of hard pairs" in text
     assert ("a closed gate costs" in text) == (gate["latency_ms_not_invoked"] is not None)
+    # issue 5's cost line, checked from the summary's own numbers
+    ad, al = on_disk["eval"]["adaptive"], on_disk["eval"]["always"]
+    met = ad["latency_ms_per_query"] <= (ad["invocation_rate"] + 0.1) * al["latency_ms_per_query"]
+    cost = next(line for line in text.splitlines() if line.startswith("cost line:"))
+    assert ("(met)" in cost) == met and ("(NOT met)" in cost) == (not met), cost
+    assert f"opened on {gate['latency']['invoked_share']:.2f}" in cost
     bare = {"eval": {"direct": on_disk["eval"]["direct"]}, "foundation": on_disk["foundation"]}  # no stages 1-2
     assert len(format_summary(bare).splitlines()) == 3
     assert s["eval"]["direct"]["overall"] == on_disk["eval"]["direct"]["overall"]
