@@ -24,7 +24,7 @@ from .foundation import description_accuracy, load_foundation, skill_accuracy, t
 from .paths import foundation_dir, worlds_dir
 from .presets import PRESETS, RunConfig
 from .selection import gold_rationale_gain, run_selection, selection_summary
-from .stage2 import run_stage2
+from .stage2 import retime_fixed_modes, run_stage2
 from .train import atomic_write_text, read_metrics
 from .world.build import build_world, toy_registry
 
@@ -105,7 +105,7 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
                      cfg.stage2.rl.steps)
             s2 = run_stage2(out / "stage1" / "selected" / "model", root, registry, out / "stage2", cfg.stage2, seed,
                             cfg.world.hard_fraction, seed, cfg.latency_sample, progress)
-            evals.update(s2["eval"])
+            evals = retime_fixed_modes(evals | s2["eval"], s2["gate"]["latency"])
             gate_block, stage2_block = s2["gate"], s2["stage2"]
             figs.update({"gate_invocation": gate_invocation(s2["eval"]["adaptive"], gate_block),
                          "gate_curve": gate_curve(gate_block["curve"]),

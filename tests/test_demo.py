@@ -64,6 +64,10 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
         assert float(row.split()[1]) == round(on_disk["eval"][mode]["overall"], 1), row
     assert f"{sel['no_reasoning_rate_hard']:.2f} of hard pairs" in text
     assert ("a closed gate costs" in text) == (gate["latency_ms_not_invoked"] is not None)
+    # the fixed modes' latency was timed beside the adaptive mode, on the stage-1 model
+    for mode in ("direct", "always"):
+        assert on_disk["eval"][mode]["latency_ms_per_query"] == gate["latency"][f"stage1_{mode}_ms"]
+        assert "latency_ms_per_query_stage1_pass" in on_disk["eval"][mode]
     # issue 5's cost line, checked from the summary's own numbers
     ad, al = on_disk["eval"]["adaptive"], on_disk["eval"]["always"]
     met = ad["latency_ms_per_query"] <= (ad["invocation_rate"] + 0.1) * al["latency_ms_per_query"]

@@ -190,3 +190,34 @@ def test_stage2_modes_from_one_pass_equal_the_encoders(backbone, small_world, mo
     assert 0 < rates["invocation_rate"] < 1 and rates["invocation_rate"] == inv.mean()
     assert g["precision_vs_needs_reasoning"] == (inv & need).sum() / inv.sum()
     assert g["recall_vs_needs_reasoning"] == (inv & need).sum() / need.sum()
+
+
+def test_reference_latency_times_the_stage1_model_in_the_same_loop(make_backbone, inputs, monkeypatch):
+    """With a stage-1 model, its direct and always modes are timed per input between the others: each input
+    is timed once per mode, in one loop."""
+    from mmemb_lab import stage2
+
+    rl, s1 = make_backbone(seed=0), make_backbone(seed=1)
+    seen = []
+    real = stage2.embed
+    monkeypatch.setattr(stage2, "embed", lambda bb, xs: seen.append("rl" if bb is rl else "s1") or real(bb, xs))
+    lat = stage2.reference_latency(rl, inputs[:2], AdaptiveEncoder(rl, 2.0, 4), 4, stage1=s1)  # gate never opens
+    assert seen == ["rl", "s1"] * 3                                 # warm-up, then input 1, input 2
+    assert {"stage1_direct_ms", "stage1_always_ms"} <= set(lat) and lat["n"] == 2
+    assert "stage1_direct_ms" not in stage2.reference_latency(rl, inputs[:1], AdaptiveEncoder(rl, 2.0, 4), 4)
+
+
+def test_retime_fixed_modes_takes_the_interleaved_stage1_timings():
+    from mmemb_lab.stage2 import retime_fixed_modes
+
+    evals = {"direct": {"overall": 50.0, "latency_ms_per_query": 15.0},
+             "always": {"overall": 55.0, "latency_ms_per_query": 140.0},
+             "oracle": {"overall": 80.0, "latency_ms_per_query": 50.0, "reasoning_share": 0.25},
+             "adaptive": {"overall": 75.0, "latency_ms_per_query": 45.0}}
+    lat = {"stage1_direct_ms": 10.0, "stage1_always_ms": 110.0}
+    out = retime_fixed_modes(evals, lat)
+    assert out["direct"]["latency_ms_per_query"] == 10.0 and out["always"]["latency_ms_per_query"] == 110.0
+    assert out["always"]["latency_ms_per_query_stage1_pass"] == 140.0 and out["always"]["overall"] == 55.0
+    assert out["oracle"]["latency_ms_per_query"] == pytest.approx(10.0 + 0.25 * 100.0)
+    assert out["adaptive"] == evals["adaptive"] and evals["always"]["latency_ms_per_query"] == 140.0  # no mutation
+    assert retime_fixed_modes(evals, {"direct_ms": 1.0}) is evals                # no stage-1 timings: unchanged
