@@ -233,6 +233,8 @@ def run_arms(foundation: str, world_root: str, info: dict, selection_dir: str, o
             ours = run_arm(foundation, *common, str(out / "selected"), cfg.stage1, seed, cfg.world.hard_fraction,
                            seed, 1, True, cfg.latency_sample)
             ablation = pending.get()
+            pool.close()  # let the worker exit on its own: terminating it leaks tqdm's lock (a semaphore warning)
+            pool.join()
     else:
         ours = run_arm(foundation, *common, str(out / "selected"), cfg.stage1, seed, cfg.world.hard_fraction, seed,
                        None, True, cfg.latency_sample)
