@@ -36,9 +36,14 @@ def item_query(item, rationale: str | None = None) -> Input:
     return Input(item.query_text, to_pil(item.query_visual), item.query_inst, rationale, item.item_id)
 
 
+def item_candidate(item, j: int) -> Input:
+    """Candidate ``j`` of an item (only that one rendered)."""
+    text, vis = item.candidates[j]
+    return Input(text, to_pil(vis), item.target_inst, None, f"{item.item_id}/cand{j}")
+
+
 def item_candidates(item) -> list[Input]:
-    return [Input(text, to_pil(vis), item.target_inst, None, f"{item.item_id}/cand{j}")
-            for j, (text, vis) in enumerate(item.candidates)]
+    return [item_candidate(item, j) for j in range(len(item.candidates))]
 
 
 def candidate_key(text: str, visual) -> str:

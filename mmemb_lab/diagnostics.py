@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .data import item_candidates, item_query, load_eval
+from .data import item_candidate, item_query, load_eval
 from .embed import Input, embed
 from .inference import generate_rationales
 from .selection import swap_partners
@@ -106,11 +106,11 @@ def _scene_slots(scene, named: set[int] | None = None) -> dict[str, list[int]]:
     """Per cell: object (1 + colour x shape), colour (1 + c), shape (1 + s); 0 = empty or not named."""
     out = {"object": [], "colour": [], "shape": []}
     for i, o in enumerate(scene.cells):
-        if o is None or (named is not None and i not in named):
-            out["object"].append(0), out["colour"].append(0), out["shape"].append(0)
-        else:
-            c, sh = COLOURS.index(o.colour), SHAPES.index(o.shape)
-            out["object"].append(1 + c * len(SHAPES) + sh), out["colour"].append(1 + c), out["shape"].append(1 + sh)
+        c, sh = (-1, -1) if o is None or (named is not None and i not in named) else \
+            (COLOURS.index(o.colour), SHAPES.index(o.shape))
+        out["object"].append(0 if c < 0 else 1 + c * len(SHAPES) + sh)
+        out["colour"].append(c + 1)
+        out["shape"].append(sh + 1)
     return out
 
 
@@ -169,7 +169,7 @@ def slot_probe(backbone: Backbone, dataset: str = "toy_t2i", n: int = 2000, seed
     (toy_t2i: object / colour / shape at each cell; toy_doc: each letter's digit)."""
     items = [make_item(dataset, seed, "eval", PROBE_OFFSET + i, 0.0) for i in range(n)]
     slots = [slot_labels(it) for it in items]
-    emb = {"target": embed(backbone, [item_candidates(it)[it.labels[0]] for it in items]).numpy(),
+    emb = {"target": embed(backbone, [item_candidate(it, it.labels[0]) for it in items]).numpy(),
            "query": embed(backbone, [item_query(it) for it in items]).numpy()}
     n_train = int(train_share * n)
     out = []

@@ -163,6 +163,11 @@ def eval_result(mode: str, per: dict[str, DatasetScore], registry: dict[str, Dat
                       dict(agg.per_meta_task), latency_ms, batched_ms, dict(extra or {}))
 
 
+def mixed_cost(direct: float, always: float, share: float) -> float:
+    """Per-query cost when a ``share`` of queries reason and the rest embed directly."""
+    return direct + share * (always - direct)
+
+
 def combine_oracle(direct: EvalResult, always: EvalResult, registry: dict[str, DatasetInfo]) -> EvalResult:
     """Per query, the better of direct and always (ties go to direct): an upper bound for any gate.
 
@@ -177,8 +182,8 @@ def combine_oracle(direct: EvalResult, always: EvalResult, registry: dict[str, D
         top1 = [ta if u else td for u, ta, td in zip(use, a.top1, d.top1)]
         per[name] = DatasetScore(name, d.metric, 100 * float(pq.mean()), pq, d.needs_reasoning, top1, {}, d.skipped)
     share = float(np.mean(np.concatenate(reason_share))) if reason_share else 0.0
-    lat = direct.latency_ms_per_query + share * (always.latency_ms_per_query - direct.latency_ms_per_query)
-    bat = direct.batched_ms_per_query + share * (always.batched_ms_per_query - direct.batched_ms_per_query)
+    lat = mixed_cost(direct.latency_ms_per_query, always.latency_ms_per_query, share)
+    bat = mixed_cost(direct.batched_ms_per_query, always.batched_ms_per_query, share)
     tok = share * always.extra.get("generated_tokens_per_query", 0.0)
     return eval_result("oracle", per, registry, lat, bat, {"generated_tokens_per_query": tok, "reasoning_share": share})
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from .backbone import Backbone, load_backbone
 from .embed import embed
-from .evaluate import EvalResult, eval_result
+from .evaluate import EvalResult, eval_result, mixed_cost
 from .gate import AdaptiveEncoder, GatePass, gate_pass, gate_precision_recall, sweep_points
 from .inference import ReasoningEncoder
 from .rl import RLConfig, read_rl_run, toy_rl_pairs, train_rl
@@ -135,8 +135,8 @@ def retime_fixed_modes(evals: dict, lat: dict) -> dict:
             out[mode] = out[mode] | {"latency_ms_per_query": lat[f"stage1_{mode}_ms"],
                                      "latency_ms_per_query_stage1_pass": out[mode]["latency_ms_per_query"]}
     if "oracle" in out and "reasoning_share" in out["oracle"]:
-        d, a, share = lat["stage1_direct_ms"], lat["stage1_always_ms"], out["oracle"]["reasoning_share"]
-        out["oracle"] = out["oracle"] | {"latency_ms_per_query": d + share * (a - d),
+        ms = mixed_cost(lat["stage1_direct_ms"], lat["stage1_always_ms"], out["oracle"]["reasoning_share"])
+        out["oracle"] = out["oracle"] | {"latency_ms_per_query": ms,
                                          "latency_ms_per_query_stage1_pass": out["oracle"]["latency_ms_per_query"]}
     return out
 
