@@ -11,8 +11,9 @@ Concept
     real checkpoint they are added to its tokenizer (Qwen3 already has the think tokens) and the input
     embeddings are resized.
 
-Where used: every stage; notebook 00. Facts this module relies on: ../shared/notes/offline-stack.md
-(PIL image processor, no torchvision on CPU, mrope sections summing to head_dim / 2, left padding).
+Where used: every stage; notebook 00. Facts of the offline CPU stack this module relies on: the PIL image
+processor (torchvision, which the default one needs, is not installed on CPU), mrope sections that sum to
+head_dim / 2, and left padding (the last position is the last real token).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of a tiny backbone (defaults: the model that learned to see in the prototype)."""
+    """Sizes of a tiny backbone (defaults: the prototype that learned to see; docs/research-log.md, Prototypes)."""
 
     arch: str = "qwen3_vl"
     hidden: int = 192
@@ -209,6 +210,9 @@ def load_backbone(path_or_id: str | Path, expect_arch: str | None = None, lora: 
     local = Path(src)
     if local.exists() and not (local / "config.json").exists():
         raise CheckpointError(f"{src}: no config.json - not a model checkpoint folder")
+    if not local.exists() and _looks_local(src):
+        raise CheckpointError(f"{src}: no such checkpoint folder (a Hub id is 'org/name'; this looks like a "
+                              "local path - check its spelling)")
     try:
         cfg = AutoConfig.from_pretrained(src)
     except Exception as e:  # noqa: BLE001 - turned into a clear error
@@ -238,6 +242,13 @@ def load_backbone(path_or_id: str | Path, expect_arch: str | None = None, lora: 
         model = get_peft_model(model, LoraConfig(**lora))
     return Backbone(model, tokenizer, image_processor_for(arch, src if local.exists() else None), arch, source,
                     meta.get("video_mode", "frames_as_images"))
+
+
+def _looks_local(src: str) -> bool:
+    """A path, not a Hub id: starts with / . ~, has more than one '/', or its first folder exists here."""
+    parts = Path(src).parts
+    return (src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src
+            or (len(parts) > 1 and Path(parts[0]).is_dir()))
 
 
 def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05) -> dict:

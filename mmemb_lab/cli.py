@@ -13,11 +13,44 @@ import sys
 from pathlib import Path
 
 
+class UsageError(ValueError):
+    """Arguments that cannot work, found before any model loads."""
+
+
+def _positive(kind, zero: bool = False):
+    def parse(text: str):
+        v = kind(text)
+        if v < 0 or (v == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}, got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _known_errors() -> tuple:
+    """Errors that carry a one-line message naming the file, dataset or row and the way out."""
+    from .backbone import CheckpointError
+    from .data import DataError
+    from .runs import RunError
+
+    return UsageError, RunError, CheckpointError, DataError, FileExistsError
+
+
+def check_writable(folder) -> None:
+    from .runs import check_writable as check
+
+    p = Path(folder)
+    while not p.exists() and p != p.parent:  # the nearest existing ancestor must take new files
+        p = p.parent
+    check(p)
+
+
 def _world(a) -> None:
     from .world.build import WorldConfig, build_world
 
-    info = build_world(a.out, WorldConfig(seed=a.seed, n_train=a.n_train, n_eval=a.n_eval,
-                                          hard_fraction=a.hard_fraction), overwrite=a.overwrite)
+    cfg = WorldConfig(seed=a.seed, n_train=a.n_train, n_eval=a.n_eval, hard_fraction=a.hard_fraction)
+    check_writable(Path(a.out).parent)
+    info = build_world(a.out, cfg, overwrite=a.overwrite)
     print(json.dumps({k: {"n_eval": d["n_eval"], "hard_fraction": d["hard_fraction"]}
                       for k, d in info["datasets"].items()}, indent=1))
 
@@ -41,8 +74,9 @@ def _foundation(a) -> None:
         cfg = replace(cfg, reason_phase=a.reason_phase)
     if a.reason_form is not None:
         cfg = replace(cfg, reason_form=a.reason_form)
+    check_writable(Path(a.out).parent)
     with distributed.init_from_env():
-        train_foundation(a.out, cfg, seed=a.seed, resume=not a.no_resume)
+        train_foundation(a.out, cfg, seed=a.seed, resume=not a.no_resume, overwrite=a.overwrite)
     if distributed.is_main():
         print(Path(a.out) / "foundation.json")
 
@@ -54,31 +88,74 @@ def _load(a):
     return load_backbone(a.backbone or foundation_dir(), lora=lora_config() if getattr(a, "lora", False) else None)
 
 
+def _world_info(root) -> dict:
+    """A world's ``world.json``, or a one-line error naming the folder or file and the way out."""
+    path = Path(root) / "world.json"
+    if not Path(root).is_dir():
+        raise UsageError(f"--world {root}: no such folder (make one with `mmemb-lab world --out {root}`)")
+    if not path.exists():
+        raise UsageError(f"--world {root}: not a toy world (no world.json; make one with `mmemb-lab world`)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: truncated or corrupt ({e}); regenerate the world with "
+                         f"`mmemb-lab world --out {root} --overwrite`") from e
+
+
 def _train(a) -> None:
     from dataclasses import replace
 
     from . import distributed
+    from .data import open_split
     from .finetune import FinetuneConfig, finetune
+    from .runs import Manifest, RunFolder, weights_digest, world_digest
 
+    info = _world_info(a.world)  # everything about the arguments is checked before a model loads
+    datasets = a.datasets or sorted(info["datasets"])
+    unknown = sorted(set(datasets) - set(info["datasets"]))
+    if unknown:
+        raise UsageError(f"--datasets {' '.join(unknown)}: not in {a.world} (has {', '.join(sorted(info['datasets']))})")
+    n_rows = sum(open_split(Path(a.world) / d / "train", d).num_rows for d in datasets)
+    if a.batch_size > n_rows:
+        raise UsageError(f"--batch-size {a.batch_size} is larger than the {n_rows} training rows of {datasets}")
+    check_writable(a.out)
     with distributed.init_from_env():
-        backbone = _load(a)
-        datasets = a.datasets or sorted(p.parent.name for p in Path(a.world).glob("*/train"))
         cfg = FinetuneConfig(batch_size=a.batch_size)
         cfg = replace(cfg, loop=replace(cfg.loop, steps=a.steps, lr=a.lr, seed=a.seed))
-        res = finetune(backbone, a.world, datasets, a.out, cfg, seed=a.seed, resume=not a.no_resume)
+        backbone = _load(a)
+        manifest = Manifest.make("train", {"finetune": cfg, "datasets": datasets, "lora": a.lora}, a.seed,
+                                 {"weights": weights_digest(backbone.model), "world": world_digest(a.world),
+                                  "backbone": str(a.backbone or "data/foundation")})
+        with RunFolder(a.out, manifest, overwrite=a.overwrite, resume=not a.no_resume):
+            res = finetune(backbone, a.world, datasets, a.out, cfg, seed=a.seed, resume=not a.no_resume)
+            if distributed.is_main():
+                backbone.save(Path(a.out) / "model")
         if distributed.is_main():
-            backbone.save(Path(a.out) / "model")
             print(json.dumps({"steps": res.steps_done, "resumed_from": res.resumed_from, **res.last}))
 
 
 def _evaluate(a) -> None:
     from .evaluate import evaluate
+    from .runs import Manifest, RunFolder, weights_digest, world_digest
     from .world.build import toy_registry
 
+    info = _world_info(a.world)
+    check_writable(a.out)
     backbone = _load(a)
-    info = json.loads((Path(a.world) / "world.json").read_text())
-    res = evaluate(backbone, a.world, toy_registry(info), out_dir=a.out, strict=a.strict)
+    manifest = Manifest.make("evaluate", {"strict": a.strict}, None,
+                             {"weights": weights_digest(backbone.model), "world": world_digest(a.world)})
+    with RunFolder(a.out, manifest, overwrite=a.overwrite):
+        res = evaluate(backbone, a.world, toy_registry(info), out_dir=a.out, strict=a.strict)
     print(json.dumps(res.summary(), indent=1))
+    _print_skipped({k: (v.skipped, v.problems) for k, v in res.per_dataset.items()})
+
+
+def _print_skipped(per: dict) -> None:
+    """One line per dataset that lost rows, with its first reasons (the summary never hides them)."""
+    bad = {k: v for k, v in per.items() if v[0]}
+    print(f"skipped rows: {sum(n for n, _ in bad.values())} in {len(bad)} dataset(s)" if bad else "skipped rows: none")
+    for k, (n, reasons) in bad.items():
+        print(f"  {k}: {n} skipped; first: {' | '.join(reasons[:3])}")
 
 
 def _demo(a) -> None:
@@ -122,17 +199,28 @@ def _data(a) -> None:
 
 
 def _benchmark(a) -> None:
-    import torch
+    from dataclasses import replace
 
     from . import distributed
-    from .harness import HarnessConfig, MMEBSource, ToySource, run_benchmark
+    from .harness import HarnessConfig, MMEBSource, ToySource, run_benchmark, run_oracle
+    from .modes import InferenceConfig, encoder_for, settings_for
     from .registry import benchmark
     from .report import load_peers, table_from_result, table_markdown
 
+    inference = InferenceConfig()  # the defaults, written once there
+    for flag, field, value in (("--threshold", "threshold", a.threshold), ("--max-new-tokens", "max_new_tokens",
+                                                                           a.max_new_tokens)):
+        if value is None:
+            continue
+        if field not in settings_for(a.mode, inference):
+            raise UsageError(f"{flag} does not apply to --mode {a.mode}")
+        inference = replace(inference, **{field: value})
+    if a.mode != "direct" and a.prompt != "user":
+        raise UsageError(f"--mode {a.mode} writes its rationale after the 'user' prompt only, not --prompt {a.prompt}")
     if a.benchmark == "toy":
         from .world.build import toy_registry
 
-        registry = toy_registry(json.loads((Path(a.data) / "world.json").read_text()))
+        registry = toy_registry(_world_info(a.data))
         source = ToySource(Path(a.data))
     else:
         registry, source = benchmark(a.benchmark), MMEBSource(Path(a.data))
@@ -142,15 +230,27 @@ def _benchmark(a) -> None:
         if unknown:
             raise SystemExit(f"not in {a.benchmark}: {unknown}")
         registry = {k: v for k, v in registry.items() if k in a.datasets}
+    check_writable(a.out)
+    cfg = HarnessConfig(mode=a.mode, prompt=a.prompt, strict=a.strict, batch_size=inference.batch_size,
+                        latency_sample=inference.latency_sample,
+                        **({"chunk_size": a.chunk_size} if a.chunk_size else {}))
     with distributed.init_from_env():
         backbone = _load(a)
-        res = run_benchmark(backbone, source, registry, a.out, HarnessConfig(mode="direct", prompt=a.prompt,
-                                                                            strict=a.strict), benchmark=a.benchmark)
+        if a.mode == "oracle":
+            res = run_oracle(backbone, source, registry, a.out, cfg, inference, benchmark=a.benchmark,
+                             overwrite=a.overwrite)
+        else:
+            res = run_benchmark(backbone, source, registry, a.out, cfg,
+                                encoder=encoder_for(backbone, a.mode, inference, a.prompt),
+                                encoder_settings=settings_for(a.mode, inference), benchmark=a.benchmark,
+                                overwrite=a.overwrite)
     if res is not None:
         print(json.dumps(res.summary(), indent=1))
+        _print_skipped({k: (v.skipped, v.problems) for k, v in res.per_dataset.items()})
         if res.per_dataset:
             peers = load_peers() if a.benchmark == "mmeb-v2" else ()
-            print(table_markdown([table_from_result(res, full)], full, peers))
+            label = f"{res.backbone} ({res.mode}: upper bound, {res.prompt} prompt)" if res.upper_bound else None
+            print(table_markdown([table_from_result(res, full, label)], full, peers))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -161,10 +261,11 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("world", help="generate the toy world (MMEB schemas on disk)")
     s.add_argument("--out", required=True, help="folder to write")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n-train", type=int, default=256, help="training rows per dataset")
-    s.add_argument("--n-eval", type=int, default=100, help="evaluation queries per dataset")
+    s.add_argument("--n-train", type=_positive(int, zero=True), default=256, help="training rows per dataset")
+    s.add_argument("--n-eval", type=_positive(int), default=100, help="evaluation queries per dataset")
     s.add_argument("--hard-fraction", type=float, default=0.65)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a world made with other settings; the old folder is moved aside, never deleted")
     s.set_defaults(fn=_world)
 
     s = sub.add_parser("foundation", help="train the stage-0 foundation model (tokenizer included)")
@@ -172,6 +273,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=0, help="override the number of steps")
     s.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    s.add_argument("--overwrite", action="store_true", help="move a run made with other settings aside and start anew")
     s.add_argument("--answer-weight", type=float, default=None,
                    help="weight of skill-answer tokens the question does not contain (FoundationConfig.answer_weight)")
     s.add_argument("--answer-phase", type=int, default=None, help="step from which --answer-weight applies")
@@ -188,11 +290,13 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--world", required=True, help="world folder (mmemb-lab world --out ...)")
         s.add_argument("--backbone", default=None, help="checkpoint folder or Hub id (default: data/foundation)")
         s.add_argument("--out", required=True)
+        s.add_argument("--overwrite", action="store_true",
+                       help="move a run made from other inputs or settings aside (never deletes) and start anew")
         s.set_defaults(fn=fn)
     train = sub.choices["train"]
-    train.add_argument("--steps", type=int, default=100)
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--batch-size", type=int, default=32, help="global batch (split over processes)")
+    train.add_argument("--steps", type=_positive(int), default=100)
+    train.add_argument("--lr", type=_positive(float), default=2e-4)
+    train.add_argument("--batch-size", type=_positive(int), default=32, help="global batch (split over processes)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--lora", action="store_true", help="LoRA on the language model instead of full tuning")
     train.add_argument("--datasets", nargs="*", help="subset of the world's datasets")
@@ -227,6 +331,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     s.add_argument("--prompt", default="user", choices=["user", "chat", "raw"],
                    help="prompt convention: user (ours), chat (system instruction), raw (VLM2Vec)")
+    s.add_argument("--mode", default="direct", choices=["direct", "always", "adaptive", "oracle"],
+                   help="direct: embed at once; always: write a rationale, then embed; adaptive: reason where the "
+                        "gate opens; oracle: per query the better of direct and always (an upper bound; runs both)")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="adaptive: reason where the gate's p_open exceeds T (default: InferenceConfig.threshold)")
+    s.add_argument("--max-new-tokens", type=_positive(int), default=None,
+                   help="always / adaptive / oracle: rationale budget in tokens (default: InferenceConfig)")
+    s.add_argument("--chunk-size", type=_positive(int), default=None,
+                   help="inputs per cache file, the unit of resumption and sharding (default: HarnessConfig)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="move a run made from other weights, data or settings aside (never deletes) and start anew")
     s.set_defaults(fn=_benchmark)
 
     s = sub.add_parser("datasets", help="list a benchmark's datasets")
@@ -242,7 +357,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "datasets", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    a.fn(a)
+    try:
+        a.fn(a)
+    except _known_errors() as e:
+        if a.verbose:
+            raise
+        print(f"mmemb-lab {a.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,10 +11,14 @@ Used by: foundation (stage 0), the contrastive stage, the evaluation harness, no
 
 from __future__ import annotations
 
+import logging
+
 from PIL import Image
 
 from .embed import Input
 from .world.scenes import Obj, Page, Scene, Video, render_object, render_page, render_scene
+
+log = logging.getLogger(__name__)
 
 
 def to_pil(visual) -> Image.Image | list[Image.Image] | None:
@@ -91,6 +95,25 @@ class EvalSet:
     candidates: dict[str, Input]
     eval_type: str
     skipped: int = 0
+    problems: tuple[str, ...] = ()
+    """Why rows were skipped (the first few reasons, for the summary and the score file)."""
+
+
+MAX_PROBLEMS = 20  # skip reasons kept per dataset (all are counted)
+
+
+def open_split(path: str | Path, dataset: str):
+    """``datasets.load_from_disk`` with a ``DataError`` naming the folder when it is missing or damaged."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{dataset}: no data at {path} (is this a world folder? make one with `mmemb-lab world`)")
+    try:
+        return load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - arrow/json errors of a truncated or foreign folder, named
+        raise DataError(f"{dataset}: cannot read {path} ({type(e).__name__}: {e}); the files are truncated or "
+                        "not a saved dataset - regenerate it (`mmemb-lab world --out ... --overwrite`)") from e
 
 
 def check_columns(ds, required, where: str) -> None:
@@ -138,12 +161,10 @@ def strip_placeholders(text: str) -> str:
 
 def load_train(path: str | Path, root: str | Path | None = None, name: str | None = None):
     """MMEB-train rows -> list of (query, positive, negative or None) Inputs."""
-    from datasets import load_from_disk
-
     path = Path(path)
     root = Path(root) if root is not None else path.parent.parent
     name = name or path.parent.name
-    ds = load_from_disk(str(path))
+    ds = open_split(path, name)
     check_columns(ds, TRAIN_COLUMNS, f"{name} ({path})")
     out = []
     for i, r in enumerate(ds):
@@ -164,16 +185,22 @@ def load_train(path: str | Path, root: str | Path | None = None, name: str | Non
 def load_eval(world_root: str | Path, name: str, eval_type: str, strict: bool = False) -> EvalSet:
     """Load one evaluation dataset (local: MMEB-eval schema; global: BEIR queries/corpus/qrels).
 
-    A bad row raises ``DataError`` in strict mode; otherwise it is skipped and counted (``skipped``).
+    A bad row (query, candidate or corpus page) raises ``DataError`` in strict mode; otherwise it is
+    skipped, logged, counted (``skipped``) and its reason kept (``problems``, the first few).
     """
-    from datasets import load_from_disk
-
     root = Path(world_root)
     queries: list[EvalQuery] = []
     cands: dict[str, Input] = {}
-    skipped = 0
+    problems: list[str] = []
+
+    def skip(err: DataError) -> None:
+        if strict:
+            raise err
+        log.warning("skipping %s", err)
+        problems.append(str(err))
+
     if eval_type == "local":
-        ds = load_from_disk(str(root / name / "eval"))
+        ds = open_split(root / name / "eval", name)
         check_columns(ds, LOCAL_EVAL_COLUMNS, f"{name} ({root / name / 'eval'})")
         for i, r in enumerate(ds):
             where = f"{name} eval row {i}"
@@ -195,44 +222,47 @@ def load_eval(world_root: str | Path, name: str, eval_type: str, strict: bool = 
                     keys.append(key)
                 labels = r.get("labels") or [0]  # MMEB: the first candidate is the positive
                 rel = {keys[j]: 1 for j in labels}
-            except DataError:
-                if strict:
-                    raise
-                logging.getLogger(__name__).warning("skipping %s", where, exc_info=True)
-                skipped += 1
+            except DataError as e:
+                skip(e)
                 continue
             queries.append(EvalQuery(q, tuple(keys), rel, r.get("needs_reasoning"), tuple(r.get("gold_steps") or ()),
                                      r.get("answer", ""), r.get("item_id", str(i))))
-        return EvalSet(name, queries, cands, "local", skipped)
+        return EvalSet(name, queries, cands, "local", len(problems), tuple(problems[:MAX_PROBLEMS]))
     parts = {}
     for part, cols in BEIR_COLUMNS.items():
-        ds = load_from_disk(str(root / name / part))
+        ds = open_split(root / name / part, name)
         check_columns(ds, cols, f"{name} ({root / name / part})")
         parts[part] = ds
+    dropped_pages = set()
     for i, r in enumerate(parts["corpus"]):
-        cands[r["corpus-id"]] = Input("", load_visual(root, r["image"], f"{name} corpus row {i}"),
-                                      r.get("tgt_inst", ""), None, f"{name} corpus {r['corpus-id']}")
+        try:
+            cands[r["corpus-id"]] = Input("", load_visual(root, r["image"], f"{name} corpus row {i}"),
+                                          r.get("tgt_inst", ""), None, f"{name} corpus {r['corpus-id']}")
+        except DataError as e:  # a bad page leaves the pool, as a bad query row leaves the queries
+            skip(e)
+            dropped_pages.add(r["corpus-id"])
     qrels: dict[str, dict[str, float]] = {}
     for i, r in enumerate(parts["qrels"]):
+        if r["corpus-id"] in dropped_pages:
+            continue
         if r["corpus-id"] not in cands:
-            err = DataError(f"{name} qrels row {i}: corpus-id {r['corpus-id']!r} is not in the corpus")
-            if strict:
-                raise err
-            skipped += 1
+            skip(DataError(f"{name} qrels row {i}: corpus-id {r['corpus-id']!r} is not in the corpus"))
             continue
         qrels.setdefault(r["query-id"], {})[r["corpus-id"]] = float(r["score"])
     keys = tuple(cands)
     for i, r in enumerate(parts["queries"]):
         where = f"{name} query row {i}"
-        if not r["query"].strip():
-            if strict:
+        try:
+            if not r["query"].strip():
                 raise DataError(f"{where}: empty query text")
-            skipped += 1
+            rel = qrels.get(r["query-id"], {})
+            if dropped_pages and not any(g > 0 for g in rel.values()):
+                raise DataError(f"{where}: dropped, its relevant pages could not be read")
+        except DataError as e:
+            skip(e)
             continue
         queries.append(EvalQuery(Input(r["query"], None, r.get("qry_inst", ""), None, where), keys,
-                                 qrels.get(r["query-id"], {}), r.get("needs_reasoning"),
+                                 rel, r.get("needs_reasoning"),
                                  tuple(r.get("gold_steps") or ()), r.get("answer", ""), r["query-id"]))
-    return EvalSet(name, queries, cands, "global", skipped)
+    return EvalSet(name, queries, cands, "global", len(problems), tuple(problems[:MAX_PROBLEMS]))
 
-
-import logging  # noqa: E402

@@ -3,7 +3,7 @@
 Concept
     MMEmb-R1 starts from a pretrained Qwen3-VL that can already see, describe and embed. Our tiny
     model starts from random weights, so stage 0 must give it those abilities before any reasoning is
-    trained. What was measured (../shared/notes/tiny-vlm-from-scratch.md): contrastive or short-answer
+    trained. What prototypes measured (docs/research-log.md, Prototypes): contrastive or short-answer
     losses from random init never teach a tiny model to use the image; next-token loss on a *dense
     description of every cell*, plus an auxiliary head that classifies every merged image token,
     does - in minutes. So the objective is
@@ -21,7 +21,7 @@ Concept
     teaches the model to write a gold chain of thought inside ``<think>...</think>``, as a pretrained
     reasoning MLLM can before any embedding training; which chains pay off, and when to write one, stay
     the later stages' job. The committed checkpoint had this phase (data/README.md); it is off in the
-    default from-scratch schedule (``reason_batch=0``) and ``make foundation`` adds it as a continuation.
+    default schedule (``reason_batch=0``) and ``make foundation`` turns it on from step 8600.
 
 Deviations: a pretrained MLLM has no attribute head; ours is dropped after stage 0 (it is saved
 separately and not part of the backbone checkpoint). Nor is its attention supervised: the search term
@@ -106,10 +106,8 @@ class FoundationConfig:
     frame_head_weight: float = 1.0
     """Weight of the frame-index head (ours): a linear head on the language model's state after layer
     ``frame_head_layer`` at every image token of a frame sequence predicts which frame the token belongs
-    to. Measured: without it the model, asked to describe frame 1 or 3, often describes frame 2 - it
-    sees each frame but cannot tell them apart (the vision tower sees one frame at a time; only the text
-    marker ``frame k:`` before each block says which is which). The head makes the early layers copy the
-    marker into every token of its block."""
+    to, so the early layers copy the ``frame k:`` marker into every token of its block. Why: without it the
+    model could not tell frames apart (docs/research-log.md, Foundation: frame_head_weight)."""
     frame_head_layer: int = 1
     """Decoder layer whose output the frame-index head reads (1 = after the first layer)."""
     frame_replay_weights: dict = field(default_factory=lambda: {"describe_frame": 4.0, "video_event": 2.0})
@@ -120,122 +118,51 @@ class FoundationConfig:
     """Share of hard items in the contrastive stream whose query carries a *reading span* from
     ``read_phase`` on (ours): up to ``read_observations`` true single-step observations about the input
     (what is at a cell, a colour / letter / cell successor, a sum) in random order, then the item's answer
-    statement (its last step, e.g. "other square: middle-left orange square." or "so F is 3."). Measured
-    on the 6000-step model: with a gold rationale appended, hard-item Hit@1 fell by 14.8 points (it had
-    only seen one-step spans on easy items, which repeat the query, so it never learned to read a span),
-    while the answer statement alone raised it by 16.6. A pretrained MLLM reads the conclusion of the
-    text in its context; this teaches the tiny one to. The observations are not a chain (they do not
-    lead to the answer) - no reasoning is shown, only where a span states its conclusion."""
+    statement (its last step, e.g. "other square: middle-left orange square." or "so F is 3."); the
+    observations are not a chain, so no reasoning is shown, only where a span states its conclusion.
+    Why: a pretrained MLLM reads its context's conclusion, the tiny one had not learned to
+    (docs/research-log.md, Foundation: read_fraction)."""
     read_observations: int = 3
     """Most true observations before the answer statement in a reading span."""
     skill_phase: int = 6600
     """Step from which the replay mix favours the search skills (phase 4)."""
     skill_replay_weights: dict = field(default_factory=lambda: {
         "find_shape": 4.0, "find_other": 6.0, "read_page": 3.0, "video_event": 3.0, "text_op": 2.0})
-    """Skill-mix overrides from ``skill_phase`` on (on top of ``frame_replay_weights``). Measured on the
-    6600-step model (48 fresh questions per skill, exact answers): read_cell 1.00, text_op 0.81, but
-    find_shape 0.35, read_page 0.35, find_other 0.13, video_event 0.10 - the content searches that the
-    hard items chain were far from the near-perfect single steps a rationale needs, although the dense
-    descriptions read 0.96-1.00. After 1000 steps of this mix (7600-step model, the demo's 50 per
-    skill, seed 0): find_other 0.26, find_shape 0.26, read_page 0.50, video_first 0.52, video_event 0.07:
-    better on some, still far from near-perfect. A position-addressed lookup (read_cell) is easy for the
-    3-layer model, a content-addressed search is not: ``search_weight`` says why and what it changed."""
+    """Skill-mix overrides from ``skill_phase`` on (on top of ``frame_replay_weights``). Why: the content
+    searches that hard items chain lagged far behind the dense descriptions and position lookups
+    (docs/research-log.md, Foundation: skill_replay_weights)."""
     search_phase: int = 7600
     """Step from which the search-attention term joins (phase 5)."""
     search_weight: float = 1.0
     """Weight of the search-attention term (ours): while a content-search answer (find_shape, find_other,
     read_page, video_first, video_event) states what it found, head ``search_head`` of decoder layer
     ``search_layer`` is asked to put its attention on the image token(s) that hold it
-    (-log of the attention mass there, ``Skill.reads``). Measured on the 7600-step model: probes read the
-    sought shape linearly (1.00) from both the question's state and every image token's state, yet the
-    layer-1 heads spread their attention evenly over the 9 image tokens (0.13 on the target) and a linear
-    probe finds the target's cell in the answer state at chance (0.25): the matching circuit never
-    formed, an optimisation plateau, not a missing feature. A 400-step skills-only fine-tune with this
-    term took find_shape from 0.23 to 1.00 (without it: 0.38). It names only *where* to look, never what
-    is there, and acts on single-step skills only (no chain is shown).
-
-    Result in the full stage-0 mix (steps 7600-8600, the toy-world-v1 checkpoint committed before v2): the head now looks where the
-    answer is (mass on the target 0.95 find_shape / 0.80 find_other, was 0.09 / 0.06; 32 questions
-    each, the test ``test_committed_foundation_searches_by_content``), and a linear probe
-    reads the target's cell from the state after that layer at 0.95 (was 0.27) - but the greedy answers
-    did NOT improve (find_shape 0.26, find_other 0.14): the last layer never learned to turn the found
-    cell into its position word while the contrastive terms share the model. Measured continuations of
-    200-400 steps (lr 3e-4 to 1e-3, 32 or 48 QA per step, fresh or loaded AdamW moments, bag of words
-    off) stayed at 0.3-0.45; skills-only training does it in 200 steps but drops the direct embedding's
-    easy Hit@1 from 85.8 to 51.5. Weighting the search answers' tokens 10x or 30x in the next-token loss
-    (300 steps, lr 3e-4) reached find_shape 0.67 / 0.71 but read_cell fell from 1.00 to 0.60. Open."""
+    (-log of the attention mass there, ``Skill.reads``). It names only *where* to look, never what is
+    there, and acts on single-step skills only (no chain is shown). Why: without it the attention never
+    found the sought token; the greedy answers still lag (docs/research-log.md, Foundation: search_weight)."""
     answer_phase: int = 8600
     """Step from which ``answer_weight`` applies (phase 6)."""
     answer_weight: float = 1.0
     """Weight, in the next-token loss, of the skill-answer tokens that the question does not contain (the
     looked-up cell, colour, digit, sum...; every atomic skill alike, descriptions excluded); other labelled
-    tokens weigh 1 and the loss is the weighted mean (ours). Why: in a QA answer most tokens echo the
-    question ("8 plus 1 is 9"), so the one token that needs the skill is a tiny share of the loss.
-    Off by default (1.0): measured as a 400-step continuation of the v1 checkpoint (8600 steps) (lr 3e-4,
-    loaded AdamW moments, full stage-0 mix; 24 questions per skill, seed 5), weight 5 / 20 took find_shape
-    from ~0.2 to 0.79 / 0.96, but read_cell fell to 0.88 / 0.62, plus / minus did not improve (0.6 / 0.0
-    and 0.2 / 0.0) and the direct embedding's easy Hit@1 fell from 85.8 to 80.7 / 79.3 (seed-0 world).
-    The same trade as weighting only the search answers: in this 3-layer model the content search
-    (find_shape) and the position lookup (read_cell) compete for the same readout.
-    From scratch it is another story. The full 8600-step schedule, 2 gloo processes, with weight 5 from
-    step 6600 (``mmemb-lab foundation --answer-weight 5 --answer-phase 6600``; 48 questions per skill,
-    seeds 20000 / 20001) reaches find_shape 0.98 / 1.00, find_other 0.63 / 0.54, plus 0.89 / 0.71, minus
-    0.60 / 0.58, read_cell 0.94 / 1.00, every description >= 0.98, and a stronger direct embedding: easy /
-    hard 86.1 / 72.0, 85.0 / 72.8, 85.6 / 74.3 on the seed 0 / 1 / 2 worlds (v1 checkpoint: find_shape
-    0.13 / 0.25, direct 85.8 / 62.0, 82.1 / 58.3, 82.5 / 61.6). read_page (0.23 / 0.48) and video_event
-    (0.07 / 0.14) did not improve. Not committed, because it moves the problem into the world and the
-    evaluator: the direct path now solves most "hard" items (seed-0 hard Hit@1: gd 90.5, cls 86.2, qa
-    81.0), and as the selection evaluator it credits hallucinated final facts (demo seed 0: precision
-    0.861, hallucinating 13.9% of selections, gold-rationale gain on hard items 9.4 points; v1 checkpoint:
-    0.957, 4.3%, 23.9). Its stage-1 model's own rationales do better (always hard 35.7 vs 19.1) but still
-    open with the wrong anchor. The same from-scratch run with weight 1 throughout reaches find_shape
-    0.88 / 0.90, find_other 0.60 / 0.46, read_cell 1.00 and direct 85.6 / 73.2 (seed 0): most of the gain
-    is the single from-scratch schedule, not the weighting; the v1 checkpoint was trained in segments
-    under growing schedules (``foundation.json`` history). The world then moved to toy-world-v2 (decoy
-    chains: ``world.tasks.chain_scene``), and this weight-1 model, continued 1400 steps on v2, is the
-    committed checkpoint now (data/README.md)."""
+    tokens weigh 1 and the loss is the weighted mean (ours): in a QA answer most tokens echo the question.
+    Off by default (1.0): it traded the position lookup for the content search, and from scratch the gain
+    came from the schedule, not the weight (docs/research-log.md, Foundation: answer_weight)."""
     reason_phase: int = 8600
     """Step from which ``reason_batch`` chains of thought join the next-token batch (phase 7)."""
     reason_batch: int = 0
     """Chains of thought per step (global) from ``reason_phase`` on (``world.skills.reason_chain``): a fresh
-    hard item answered with its gold steps, in the form ``reason_form`` says. Ours; 0 in the from-scratch
-    schedule; the committed checkpoint was continued with 16, then 32 (``reason_form``; data/README.md), and
-    ``make foundation`` continues with 32. Why the "plain" form was tried first: on the v1 checkpoint the
-    gold rationales cost
-    3.9-4.1 nats per token on hard items whatever the context (0.9 for one-step easy rationales asked as a
-    plain question), the demo's stage 1 (160 steps) only brings its generation loss to 1.7, and the
-    rationales it then writes open with the wrong anchor, loop and never stop (stop 11, seed 0: always-mode
-    hard 21.7 against direct 57.1). A pretrained MLLM writes such chains before any embedding training.
-
-    Measured as a continuation of the v1 checkpoint (8600 steps; 2 gloo processes; ``mmemb-lab foundation
-    --steps 9200 --reason-batch 16``, then ``--steps 10000 --reason-batch 32``; 16 hard eval items per
-    dataset, seed-0 world, greedy, "step by step" form): the chains come out in the right format at once,
-    and the text chains become right (last clause: t2i 0.81, video_ret 0.50, doc 0.50), but the visual
-    chains stay wrong (last clause 0.12-0.31): they chain find_shape / find_other, which this model does
-    at 0.25-0.37. ``make demo`` (seed 0) with the 10000-step model: always-mode hard 21.7 -> 28.5, first
-    rationale step 0.00 -> 0.14, direct easy / hard 84.6 / 57.1 -> 87.5 / 62.6; but in the reasoning
-    span the stage-1 model does not carry the skill over ("step step step ...", unclosed spans; its
-    own t2i chains: last clause 0.12), selection precision 0.956 -> 0.943 with 5.7% hallucinating picks,
-    gold-rationale gain 23.9 -> 21.1, sensitivity ratio 1.67 -> 1.54, and the descriptions erode (page
-    digit 1.00 -> 0.97 at save, 0.948 on the demo's held-out pages, under the 0.95 bar). Not adopted: that
-    was the "plain" form; the span form (``reason_form``) is what the committed checkpoint has."""
+    hard item answered with its gold steps, in the form ``reason_form`` says. Ours; 0 in the default
+    schedule; the committed checkpoint was continued with 16, then 32 (data/README.md), and ``make
+    foundation`` trains with 32 from step 8600. Why: a pretrained MLLM writes such chains before any
+    embedding training, and stage 1 alone did not teach the tiny one to (docs/research-log.md, Foundation:
+    reason_batch)."""
     reason_form: str = "span"
     """How ``reason_batch`` chains are asked and written (``world.skills.reason_chain``): "span" (ours, the
     committed checkpoint: the stage-1 prompt, instruction included, gold steps inside ``<think>...</think>``)
-    or "plain" ("step by step: <query>", no span; measured above, not adopted).
-
-    Why: on the v2 checkpoint of 10000 steps (no chains), the first clause of a chain forced inside the span
-    after the chain query ("<think>star:") was completed right 0.15-0.23 of the time (cls / qa / gd, 40
-    hard eval items each), against 1.00 for the same lookup asked as the skill question ("where is the
-    star?") on the same scenes: the lookup was bound to the question form, and stage 1 (160 steps, ~670
-    rationales) did not rebind it (its own rationales: first step 0.01-0.05 on three seeds).
-    Measured (continuation of that checkpoint, 2 gloo processes: 1000 steps with 16 chains per step under an
-    11000-step schedule, then 2000 with 32 under a 13000-step schedule, 4301 s; 24 hard eval items per
-    dataset, seed-0 world, free greedy generation after ``<think>``): first step 0.08-0.50 at step 11000,
-    0.92-1.00 at 12000 (video_qa 0.12); descriptions at save >= 0.997. ``make demo`` from the 13000-step
-    model (seed 0): own rationales' steps 0.87 / 0.78 / 0.68 / 0.52, answer 0.63 (were 0.01 / 0.04 / 0.04 /
-    0.02, answer 0.03); always-mode hard 61.8 against direct 39.2 (were 20.5 / 31.6); sensitivity 0.618
-    against 0.229 for the random-worker ablation (ratio 2.70; was 1.53)."""
+    or "plain" ("step by step: <query>", no span; not adopted). Why "span": a lookup the model answered as a
+    question was not carried into the span until it was trained there (docs/research-log.md, Foundation:
+    reason_form)."""
     search_layer: int = 1
     """Decoder layer whose attention the search term supervises (0-based; needs the eager attention)."""
     search_head: int = 0
@@ -593,11 +520,21 @@ def make_step_fn(backbone: Backbone, cfg: FoundationConfig, seed: int):
 
 
 def train_foundation(out: str | Path, cfg: FoundationConfig = FoundationConfig(), seed: int = 0,
-                     resume: bool = True, stop_after: int | None = None) -> Backbone:
-    """Train stage 0 from scratch (tokenizer included) and save the backbone to ``out``."""
+                     resume: bool = True, stop_after: int | None = None, overwrite: bool = False) -> Backbone:
+    """Train stage 0 from scratch (tokenizer included) and save the backbone to ``out``.
+
+    The resumable state lives in ``<out>.work``, a run folder with a manifest (config, seed, code): a
+    rerun with other settings refuses unless ``overwrite`` (which moves the old state aside)."""
+    from .runs import Manifest, RunFolder
+
     out = Path(out)
     work = out.with_name(out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
+    with RunFolder(work, Manifest.make("foundation", cfg, seed), overwrite=overwrite, resume=resume):
+        return _train_foundation(out, work, cfg, seed, resume, stop_after)
+
+
+def _train_foundation(out: Path, work: Path, cfg: FoundationConfig, seed: int, resume: bool,
+                      stop_after: int | None) -> Backbone:
     distributed.seed_everything(seed)
     tok_dir = work / "tokenizer"
     if distributed.is_main() and not tok_dir.exists():
@@ -640,12 +577,12 @@ def adopt_checkpoint(ckpt: Path, stage: Stage0) -> bool:
     Weights and AdamW moments of every existing parameter are kept (remapped by name), the new head
     starts from its initialisation with fresh moments; step and schedule continue. Returns whether the
     checkpoint was rewritten (atomically). Anything but missing *heads* is an error."""
-    from .train import atomic_torch_save
+    from .train import atomic_torch_save, load_checkpoint
 
     if not distributed.is_main() or not ckpt.exists():
         distributed.barrier()
         return False
-    state = torch.load(ckpt, weights_only=False, map_location="cpu")
+    state = load_checkpoint(ckpt)
     own = stage.state_dict()
     missing = [k for k in own if k not in state["model"]]
     if not missing:

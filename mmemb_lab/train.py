@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from . import distributed
+from .runs import RunError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class LoopConfig:
     weight_decay: float = 0.01
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.98)
-    """AdamW betas (0.98: steadier for tiny models from scratch, as in the prototype)."""
+    """AdamW betas (0.98: steadier for tiny models from scratch; docs/research-log.md, Prototypes)."""
     clip: float = 1.0
     """Gradient-norm clipping."""
     log_every: int = 10
@@ -80,6 +81,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded as data only (``weights_only``: a planted pickle cannot run code), on
+    the CPU (a GPU run resumes on a CPU too); a damaged file is a one-line error with the way out."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - pickle / zip errors of a truncated or foreign file, named
+        raise CheckpointLoadError(f"{path}: cannot load this checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                                  "it is truncated or was not written by mmemb-lab - rerun with --no-resume to "
+                                  "start over") from e
+
+
+class CheckpointLoadError(RunError):
+    """A resumable checkpoint that cannot be read safely."""
+
+
 @dataclass(frozen=True)
 class LoopResult:
     steps_done: int
@@ -110,7 +126,7 @@ def run_loop(module: torch.nn.Module, step_fn: Callable[[int, torch.nn.Module], 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start = 0
     if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location="cpu")  # a GPU run resumes on a CPU too
+        state = load_checkpoint(ckpt)
         if state.get("n_params") != sum(p.numel() for p in params):
             raise ValueError(f"{ckpt}: checkpoint does not match this model (another architecture or size)")
         module.load_state_dict(state["model"])

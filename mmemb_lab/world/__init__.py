@@ -1,4 +1,4 @@
-"""The procedurally generated toy world (method.md, "The toy world"): scenes, videos and pages with ground truth.
+"""The procedurally generated toy world (docs/method.md, "The toy world"): scenes, videos and pages with ground truth.
 
 ``scenes`` holds the primitives and rendering, ``tasks`` the MMEB-V2-shaped datasets (easy and hard items),
 ``skills`` the atomic single steps, ``build`` writes datasets to disk in the real MMEB schemas.
