@@ -1,6 +1,6 @@
 """The embedder: one API for text, images, image+text, frame sequences and pages, direct or with a rationale.
 
-Concept (method.md, step 3)
+Concept (docs/method.md, step 3)
     e(x) = L2-normalised, *final-normed* hidden state at the embedding token ``<|emb|>``. An input is
     rendered into a chat turn; the assistant turn is either empty (direct mode, "no reasoning") or a
     reasoning span ``<think> r </think>`` (conditioned on a given or generated rationale r), and always
@@ -10,7 +10,7 @@ Concept (method.md, step 3)
 
     Batches are left-padded so the embedding token is the last position of every row.
 
-Pitfall guarded here (../shared/notes/offline-stack.md): ``hidden_states[-1]`` of the
+Pitfall guarded here (seen with transformers >= 4.56): ``hidden_states[-1]`` of the
 ForConditionalGeneration forward may be the state *before* the final RMSNorm. We pool
 ``model.model(...).last_hidden_state`` of the base model, which is post-norm; tests check it.
 

@@ -5,7 +5,7 @@ Concept
     list for *local* tasks, the whole deduplicated corpus for *global* ones (every candidate embedded
     once). Scores per dataset are Hit@1 (image, video) or linear NDCG@5 with graded relevance (visual
     documents), in percent. Columns: per modality and meta-task, unweighted means over datasets;
-    overall = unweighted mean over *datasets* (not over modalities) - ../shared/notes/mmeb-v2.md.
+    overall = unweighted mean over *datasets* (not over modalities) - docs/method.md, MMEB-V2.
 
     The toy world adds what no benchmark has: every query knows whether it ``needs_reasoning``, so
     each score splits into **easy** and **hard** (each again an unweighted mean over datasets).
@@ -22,21 +22,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .backbone import Backbone
 from .data import EvalSet, load_eval
-from .embed import Input, embed
+from .embed import embed
 from .metrics import aggregate, score_queries
+from .modes import QueryEncoder, direct_encoder  # noqa: F401 - one definition each, importable from here too
+from .modes import latency_ms as _latency
 from .registry import DatasetInfo
 
 log = logging.getLogger(__name__)
-QueryEncoder = Callable[[Sequence[Input]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class DatasetScore:
     at_k: dict[str, float]
     """hit@k and ndcg_linear@k for k in 1, 5, 10, in percent."""
     skipped: int = 0
+    problems: tuple[str, ...] = ()
+    """Why rows were skipped (the first few reasons)."""
+    warnings: tuple[str, ...] = ()
+    """Why the score may mean nothing (query or candidate embeddings (near) constant: a collapsed model)."""
 
     def split(self, hard: bool) -> float | None:
         m = self.needs_reasoning == hard
@@ -82,15 +87,59 @@ class EvalResult:
                 "per_dataset_hard": {k: v.split(True) for k, v in self.per_dataset.items()},
                 "per_modality": self.per_modality, "per_meta_task": self.per_meta_task,
                 "latency_ms_per_query": self.latency_ms_per_query,
-                "batched_ms_per_query": self.batched_ms_per_query, **self.extra}
+                "batched_ms_per_query": self.batched_ms_per_query,
+                "skipped": {k: v.skipped for k, v in self.per_dataset.items() if v.skipped},
+                "skip_reasons": {k: list(v.problems[:3]) for k, v in self.per_dataset.items() if v.problems},
+                **self.extra}
 
 
-def direct_encoder(backbone: Backbone, batch_size: int = 32) -> QueryEncoder:
-    return lambda inputs: embed(backbone, list(inputs), batch_size=batch_size)
+COLLAPSE_DISTANCE = 1e-3
+"""Mean pairwise cosine distance below which a set of embeddings counts as (near) constant."""
+
+
+def mean_cosine_distance(emb: torch.Tensor) -> float | None:
+    """Mean of ``1 - cos(e_i, e_j)`` over all pairs i != j of rows of ``emb`` (None for fewer than 2 rows).
+
+    Exact and O(n dim): for unit vectors u_i, sum over i != j of u_i . u_j = |sum_i u_i|^2 - n.
+    """
+    n = len(emb)
+    if n < 2:
+        return None
+    u = torch.nn.functional.normalize(emb.double(), dim=-1)
+    total = u.sum(0)
+    mean_cos = (total @ total - (u * u).sum()) / (n * (n - 1))
+    return float(1.0 - mean_cos)
+
+
+def collapse_warnings(name: str, q_emb: torch.Tensor, c_emb: torch.Tensor,
+                      threshold: float = COLLAPSE_DISTANCE) -> tuple[str, ...]:
+    """One message per side (queries, candidates) whose embeddings are (near) constant, each also logged.
+
+    A collapsed model maps every input to (almost) the same vector; its ranking is then decided by ties
+    or float noise, so its score says nothing about retrieval, whatever its value.
+    """
+    out = []
+    for side, emb in (("query", q_emb), ("candidate", c_emb)):
+        d = mean_cosine_distance(emb)
+        if d is not None and d < threshold:
+            out.append(f"{name}: {side} embeddings are (near) constant (mean pairwise cosine distance {d:.2e} "
+                       f"< {threshold:g} over {len(emb)}): a collapsed model, the score is not meaningful")
+            log.warning(out[-1])
+    return tuple(out)
+
+
+def _top1(s: np.ndarray, grades: dict[int, float]) -> int:
+    """The candidate ranked first under ``metrics.rank_candidates``' tie rule (worst grade wins a tie)."""
+    tied = np.flatnonzero(s == s.max())
+    return int(min(tied, key=lambda j: (grades.get(int(j), 0.0), j)))
 
 
 def score_set(es: EvalSet, q_emb: torch.Tensor, c_emb: torch.Tensor, metric: str) -> DatasetScore:
-    """Rank candidates by cosine similarity and score each query."""
+    """Rank candidates by cosine similarity and score each query.
+
+    Ties count against the model (``metrics.rank_candidates``), and (near) constant query or candidate
+    embeddings are flagged in ``warnings`` (``collapse_warnings``).
+    """
     keys = list(es.candidates)
     index = {k: i for i, k in enumerate(keys)}
     sims = (q_emb @ c_emb.T).numpy()
@@ -100,22 +149,13 @@ def score_set(es: EvalSet, q_emb: torch.Tensor, c_emb: torch.Tensor, metric: str
         s = sims[qi, cols]
         scores.append(s)
         labels.append({j: q.relevance[k] for j, k in enumerate(q.candidates) if k in q.relevance})
-        top1.append(q.candidates[int(np.argmax(s))])
+        top1.append(q.candidates[_top1(s, labels[-1])])
     qs = score_queries(scores, labels, metric=metric, ks=(1, 5, 10))
     main = qs.hit[1] if metric.startswith("hit") else qs.ndcg_linear[int(metric.split("@")[1])]
     nr = np.array([bool(q.needs_reasoning) for q in es.queries])
     at_k = {k: 100 * float(v) for k, v in qs.means.items()}
     return DatasetScore(es.name, metric, 100 * float(np.mean(main)), np.asarray(main, dtype=float), nr, top1, at_k,
-                        es.skipped)
-
-
-def _latency(encode: QueryEncoder, inputs: Sequence[Input], n: int) -> float:
-    sample = list(inputs[:n])
-    encode(sample[:1])  # warm-up
-    t = time.perf_counter()
-    for x in sample:
-        encode([x])
-    return 1000 * (time.perf_counter() - t) / max(1, len(sample))
+                        es.skipped, warnings=collapse_warnings(es.name, q_emb, c_emb))
 
 
 def evaluate(backbone: Backbone, world_root: str | Path, registry: dict[str, DatasetInfo], mode: str = "direct",
@@ -131,7 +171,7 @@ def evaluate(backbone: Backbone, world_root: str | Path, registry: dict[str, Dat
     for name, info in tqdm(registry.items(), desc=f"eval {mode}", disable=not progress):
         es = load_eval(world_root, name, info.eval_type, strict=strict)
         if not es.queries:
-            log.warning("%s: no usable queries", name)
+            log.warning("%s: no usable queries (%d rows skipped: %s)", name, es.skipped, "; ".join(es.problems[:3]))
             continue
         c_emb = cand_encode(list(es.candidates.values()))
         inputs = [q.query for q in es.queries]
@@ -142,7 +182,7 @@ def evaluate(backbone: Backbone, world_root: str | Path, registry: dict[str, Dat
         nq += len(inputs)
         gen_tokens += sum(getattr(encode, "generated_tokens", [])) - n_tok0
         lat.append(_latency(encode, inputs, latency_sample))
-        per[name] = score_set(es, q_emb, c_emb, info.metric)
+        per[name] = replace(score_set(es, q_emb, c_emb, info.metric), skipped=es.skipped, problems=es.problems)
         if out_dir is not None:
             write_dataset_files(Path(out_dir) / mode, per[name], es)
     return eval_result(mode, per, registry, float(np.mean(lat)) if lat else float("nan"), 1000 * batched / max(1, nq),
@@ -194,7 +234,7 @@ def write_dataset_files(out: Path, s: DatasetScore, es: EvalSet) -> None:
 
     atomic_write_text(out / f"{s.name}_score.json", json.dumps(
         {"dataset": s.name, "metric": s.metric, "score": s.score, **s.at_k, "n_queries": len(s.per_query),
-         "skipped": s.skipped}, indent=1))
+         "skipped": s.skipped, "problems": list(s.problems)}, indent=1))
     lines = [json.dumps({"query": q.item_id, "top1": t, "correct": float(c), "needs_reasoning": bool(h)})
              for q, t, c, h in zip(es.queries, s.top1, s.per_query, s.needs_reasoning)]
     atomic_write_text(out / f"{s.name}_pred.jsonl", "\n".join(lines) + "\n")

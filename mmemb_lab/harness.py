@@ -14,20 +14,23 @@ Concept
     - **Sharding**: under ``torchrun`` / ``accelerate launch`` each rank embeds a contiguous block of
       chunks into the cache; rank 0 gathers them *through the cache files* (so ranks must share ``out/``)
       and scores. In one process every helper of ``mmemb_lab.distributed`` is a no-op.
-    - **Modes**: queries go through a ``QueryEncoder`` (``direct`` by default; reasoning modes plug in
-      the same way); candidates are always embedded directly. An encoder reports generated tokens per
-      query by returning :class:`Encoded`, or by appending one count per input to a list attribute
-      ``generated_tokens``. Latency is timed per query at batch size 1 on a sample.
+    - **Modes** (``mmemb_lab.modes``): queries go through a ``QueryEncoder`` - ``direct``, ``always`` or
+      ``adaptive`` (``modes.encoder_for``) or one of your own; candidates are always embedded directly.
+      An encoder reports, per query, the tokens it generated, the rationale it embedded after and whether
+      it reasoned by returning ``modes.Encoded`` (or the token counts alone by appending one per input to
+      a list attribute ``generated_tokens``); they are cached with the chunk and written per query to
+      ``<dataset>_pred.jsonl``. Latency is timed per query at batch size 1 on a sample
+      (``modes.latency_ms``). The ``oracle`` (:func:`run_oracle`) takes per query the better of the
+      cached direct and always runs: an upper bound, labelled so in ``results.json``.
     - **Recorded with every score**: mode, prompt convention, the backbone's video mode (frames as a
       sequence of images, or a storyboard), and the split version of the data.
     - **Bad data** (a missing frame, an unreadable image, a qrels row pointing at no document, an empty
       candidate list...) is reported with its dataset and row, skipped and counted by default
       (``skipped`` and ``problems`` in the score file), or stops the run in strict mode.
 
-    Prompt conventions (a setting, since they move scores by points; ../shared/notes/mmeb-v2.md):
-    ``"user"`` - the workbench's own template, instruction in the user turn (what ``embed`` trains
-    with); ``"chat"`` - Qwen3-VL-Embedding style, instruction in the system turn; ``"raw"`` - VLM2Vec
-    style, vision tokens then instruction and text with no chat roles. All end with ``<|emb|>``.
+    Prompt conventions (``modes.PROMPTS``, a setting since they move scores by points): ``"user"`` (ours,
+    instruction in the user turn), ``"chat"`` (Qwen3-VL-Embedding style, instruction in the system turn),
+    ``"raw"`` (VLM2Vec style, no chat roles); all end with ``<|emb|>``. The reasoning modes use ``"user"``.
 
 Used by: ``mmemb-lab benchmark``, notebook 06, ``make bench`` (``harness_bench``).
 
@@ -57,21 +60,25 @@ import numpy as np
 import torch
 
 from . import distributed
-from .backbone import EMB_TOKEN, Backbone, reasoning_span
+from .backbone import Backbone
 from .data import DataError, load_eval
-from .embed import Input, collate, hidden_states, pool, prompt_text
-from .evaluate import score_set
+from .embed import Input
+from .evaluate import mixed_cost, score_set
 from .metrics import aggregate
 from .mmeb import LazyVisual, MMEBSet, dataset_dir, load_dataset, resolve, split_version
+from .modes import (ENCODER_MODES, PROMPTS, Encoded, InferenceConfig, QueryEncoder, as_encoded, collate_prompted,
+                    direct_encoder, embed_prompted, encoder_for, latency_ms, render_prompt, settings_for)
 from .registry import DatasetInfo
+from .runs import Manifest, RunError, RunFolder, file_digest, weights_digest, world_digest
 from .train import atomic_torch_save, atomic_write_text
 
+# PROMPTS, Encoded, QueryEncoder, render_prompt, collate_prompted, embed_prompted and direct_encoder live in
+# mmemb_lab.modes (one definition each); they stay importable from here.
 __all__ = ["PROMPTS", "HarnessConfig", "Encoded", "QueryEncoder", "render_prompt", "collate_prompted",
            "embed_prompted", "direct_encoder", "ToySource", "MMEBSource", "shard", "DatasetResult",
-           "BenchmarkResult", "run_benchmark", "load_results", "harness_bench"]
+           "BenchmarkResult", "run_benchmark", "run_oracle", "load_results", "harness_bench"]
 
 log = logging.getLogger(__name__)
-PROMPTS = ("user", "chat", "raw")
 
 
 @dataclass(frozen=True)
@@ -82,11 +89,11 @@ class HarnessConfig:
     """Prompt convention: ``"user"`` (ours), ``"chat"`` (system instruction) or ``"raw"`` (VLM2Vec)."""
     strict: bool = False
     """Stop at the first bad record instead of skipping and counting it."""
-    batch_size: int = 32
-    """Inputs per forward pass of the direct encoder."""
+    batch_size: int = InferenceConfig.batch_size
+    """Inputs per forward pass of the default encoders (queries and candidates, direct)."""
     chunk_size: int = 256
     """Inputs per cache file: the unit of resumption and of sharding."""
-    latency_sample: int = 8
+    latency_sample: int = InferenceConfig.latency_sample
     """Queries per dataset timed one at a time (0: no latency measurement)."""
     max_problems: int = 100
     """Problem messages kept per dataset in its score file (all are counted)."""
@@ -98,88 +105,6 @@ class HarnessConfig:
             raise ValueError(f"invalid harness config: {self}")
         if not self.mode or "/" in self.mode:
             raise ValueError(f"mode must be a plain name, got {self.mode!r}")
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """What a query encoder may return instead of a bare tensor."""
-
-    embeddings: torch.Tensor
-    """(n, dim) unit-norm embeddings."""
-    generated_tokens: Sequence[int] | None = None
-    """Tokens generated before embedding, per input (reasoning modes); None when nothing is generated."""
-
-
-QueryEncoder = Callable[[Sequence[Input]], "torch.Tensor | Encoded"]
-
-
-# ---------------------------------------------------------------------------------------------
-# prompt conventions
-
-
-def _vision(n_tokens: Sequence[int]) -> str:
-    # The vision blocks exactly as embed.prompt_text writes them (one source of truth for their format).
-    head = prompt_text(Input(), n_tokens, assistant="")
-    return head[len("<|im_start|>user\n"):head.index("<|im_end|>")]
-
-
-def render_prompt(prompt: str, inp: Input, n_tokens: Sequence[int]) -> str:
-    """The text of one input under a prompt convention (``n_tokens[i]``: image-pad tokens of image i)."""
-    if prompt == "user":
-        return prompt_text(inp, n_tokens)
-    span = "" if inp.rationale is None else reasoning_span(inp.rationale)
-    if prompt == "chat":
-        system = f"<|im_start|>system\n{inp.instruction}<|im_end|>\n" if inp.instruction else ""
-        return (f"{system}<|im_start|>user\n{_vision(n_tokens)}{inp.text}<|im_end|>\n<|im_start|>assistant\n"
-                f"{span}{EMB_TOKEN}")
-    if prompt == "raw":
-        body = "\n".join(x for x in (inp.instruction, inp.text) if x)
-        return f"{_vision(n_tokens)}{body}{span}{EMB_TOKEN}"
-    raise ValueError(f"unknown prompt convention {prompt!r}; known: {PROMPTS}")
-
-
-def collate_prompted(backbone: Backbone, inputs: Sequence[Input], prompt: str = "user") -> dict:
-    """``embed.collate`` (same pixels), with the text rebuilt under another prompt convention."""
-    batch = collate(backbone, inputs)
-    if prompt == "user":
-        return batch
-    per_image = ((batch["image_grid_thw"].prod(-1) // backbone.merge ** 2).tolist()
-                 if "image_grid_thw" in batch else [])
-    texts, k = [], 0
-    for inp in inputs:
-        n = len(inp.images())
-        if n > 1 and backbone.video_mode == "storyboard":
-            n = 1  # collate tiled the frames into one image
-        texts.append(render_prompt(prompt, inp, per_image[k:k + n]))
-        k += n
-    enc = backbone.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
-    batch["input_ids"], batch["attention_mask"] = enc["input_ids"], enc["attention_mask"]
-    batch["mm_token_type_ids"] = (enc["input_ids"] == backbone.token_id("<|image_pad|>")).int()
-    return batch
-
-
-@torch.no_grad()
-def embed_prompted(backbone: Backbone, inputs: Sequence[Input], prompt: str = "user",
-                   batch_size: int = 32) -> torch.Tensor:
-    """Direct embeddings under a prompt convention; (n, hidden), unit norm, on the CPU.
-
-    ``"user"`` computes exactly what ``embed.embed`` does; batches follow the model onto its device
-    (a GPU run moves the model, see ``mmemb-lab benchmark``).
-    """
-    was = backbone.model.training
-    backbone.model.eval()
-    device = next(backbone.model.parameters()).device
-    out = []
-    for s in range(0, len(inputs), batch_size):
-        batch = {k: v.to(device) for k, v in collate_prompted(backbone, inputs[s:s + batch_size], prompt).items()}
-        out.append(pool(hidden_states(backbone, batch)).cpu())
-    backbone.model.train(was)
-    return torch.cat(out) if out else torch.zeros(0, backbone.model.config.text_config.hidden_size)
-
-
-def direct_encoder(backbone: Backbone, prompt: str = "user", batch_size: int = 32) -> QueryEncoder:
-    """The ``direct`` mode: embed without reasoning."""
-    return lambda inputs: embed_prompted(backbone, list(inputs), prompt, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,9 +127,11 @@ class ToySource:
 
     def load(self, info: DatasetInfo, strict: bool = False) -> MMEBSet:
         es = load_eval(self.root, info.name, info.eval_type, strict=strict)
-        problems = ((f"{info.name}: {es.skipped} record(s) skipped by data.load_eval (see the log)",)
-                    if es.skipped else ())
-        return MMEBSet(es.name, es.queries, es.candidates, es.eval_type, es.skipped, problems, self.version(info))
+        return MMEBSet(es.name, es.queries, es.candidates, es.eval_type, es.skipped, es.problems, self.version(info))
+
+    def fingerprint(self) -> str:
+        """The world's identity: a digest of its ``world.json`` (version, config, per-dataset counts)."""
+        return world_digest(self.root)
 
 
 @dataclass(frozen=True)
@@ -221,6 +148,11 @@ class MMEBSource:
 
     def load(self, info: DatasetInfo, strict: bool = False) -> MMEBSet:
         return load_dataset(self.root, info, strict=strict)
+
+    def fingerprint(self) -> str:
+        """The download's identity: a digest of its manifest (repo, revision, commit and split per dataset)."""
+        m = Path(self.root) / "mmeb_v2.json"
+        return file_digest(m) if m.exists() else "no-manifest"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +190,10 @@ class DatasetResult:
     """Score on items that need no reasoning (toy world only), percent."""
     hard: float | None = None
     """Score on items that need reasoning (toy world only), percent."""
+    warnings: tuple[str, ...] = ()
+    """Why the score may mean nothing (e.g. collapsed embeddings, see ``evaluate.collapse_warnings``)."""
+    reasoned_share: float | None = None
+    """Share of the scored queries that reasoned first (None: the encoder does not say)."""
     resumed: bool = False
     """True when read back from an existing score file instead of computed in this run."""
 
@@ -272,6 +208,7 @@ class DatasetResult:
         names = {f for f in cls.__dataclass_fields__ if f != "resumed"}
         kw = {k: v for k, v in d.items() if k in names}
         kw["problems"] = tuple(kw.get("problems", ()))
+        kw["warnings"] = tuple(kw.get("warnings", ()))
         return cls(**kw, resumed=True)
 
 
@@ -294,6 +231,8 @@ class BenchmarkResult:
     """Bad records skipped over all datasets."""
     embedded: dict = field(default_factory=dict)
     """Inputs embedded in THIS run: {"queries": n, "candidates": n} (0 and 0 for a fully resumed run)."""
+    upper_bound: bool = False
+    """True for the oracle: it picks per query with the answers known, so no method can score above it."""
 
     def summary(self) -> dict:
         def mean(key):
@@ -308,7 +247,8 @@ class BenchmarkResult:
                 "skipped_records": self.skipped_records, "easy": mean("easy"), "hard": mean("hard"),
                 "latency_ms_per_query": mean("latency_ms_per_query"),
                 "batched_ms_per_query": mean("batched_ms_per_query"),
-                "generated_tokens_per_query": mean("generated_tokens_per_query"), "embedded": self.embedded}
+                "generated_tokens_per_query": mean("generated_tokens_per_query"),
+                "reasoned_share": mean("reasoned_share"), "upper_bound": self.upper_bound, "embedded": self.embedded}
 
 
 def load_results(out_dir: str | Path, registry: Mapping[str, DatasetInfo], mode: str = "direct",
@@ -353,6 +293,16 @@ class _Embedded:
     seconds: float  # encoder wall time summed over chunks (whenever they were computed)
     n_encoded: int  # inputs that went through the encoder (over all chunks)
     computed_now: int  # inputs encoded in this run
+    rationales: list  # per input: the rationale embedded after ("" where none), or None (not reported)
+    reasoned: list  # per input: whether it reasoned, or None (not reported)
+
+
+def _per_input(ok: list, values, cast, n: int) -> list:
+    """Values reported for the readable inputs ``ok`` (chunk positions, in order), spread over the chunk."""
+    out = [None] * n
+    for (j, _), v in zip(ok, values if values is not None else []):
+        out[j] = None if v is None else cast(v)
+    return out
 
 
 def _embed_cached(kind: str, inputs: Sequence[Input], encode: QueryEncoder, cache: Path, cfg: HarnessConfig,
@@ -378,21 +328,21 @@ def _embed_cached(kind: str, inputs: Sequence[Input], encode: QueryEncoder, cach
                 bad[s + j] = str(e)
         n_before = len(getattr(encode, "generated_tokens", None) or [])
         t = time.perf_counter()
-        out = encode([x for _, x in ok]) if ok else None
+        out = as_encoded(encode([x for _, x in ok])) if ok else None
         seconds = time.perf_counter() - t
-        emb = out.embeddings if isinstance(out, Encoded) else out
-        tokens = out.generated_tokens if isinstance(out, Encoded) else None
+        tokens, rationales, reasoned = (None, None, None) if out is None else \
+            (out.generated_tokens, out.rationales, out.reasoned)
         log_ = getattr(encode, "generated_tokens", None)  # or an encoder that appends one count per input
         if tokens is None and isinstance(log_, list) and len(log_) - n_before == len(ok):
             tokens = log_[n_before:]
-        gen = [None] * len(chunk)
-        for (j, _), g in zip(ok, tokens if tokens is not None else []):
-            gen[j] = int(g)
         full = None
-        if emb is not None:
-            full = torch.zeros(len(chunk), emb.shape[-1])
-            full[[j for j, _ in ok]] = emb.detach().float().cpu()
-        atomic_torch_save({"emb": full, "bad": bad, "generated": gen, "seconds": seconds, "n_encoded": len(ok)}, f)
+        if out is not None:
+            full = torch.zeros(len(chunk), out.embeddings.shape[-1])
+            full[[j for j, _ in ok]] = out.embeddings.detach().float().cpu()
+        atomic_torch_save({"emb": full, "bad": bad, "generated": _per_input(ok, tokens, int, len(chunk)),
+                           "rationales": _per_input(ok, rationales, str, len(chunk)),
+                           "reasoned": _per_input(ok, reasoned, bool, len(chunk)),
+                           "seconds": seconds, "n_encoded": len(ok)}, f)
         computed += len(ok)
     distributed.barrier()
     if not distributed.is_main():
@@ -403,32 +353,60 @@ def _embed_cached(kind: str, inputs: Sequence[Input], encode: QueryEncoder, cach
         if not f.exists():
             raise RuntimeError(f"{f} is missing after every rank embedded its shard: ranks must share {cache}")
         parts.append(torch.load(f, weights_only=True))
+    return _concat(parts, computed)
+
+
+def _concat(parts: list[dict], computed: int) -> _Embedded:
+    """One :class:`_Embedded` from cached chunks in input order."""
     dim = next((p["emb"].shape[-1] for p in parts if p["emb"] is not None), 1)
     emb = torch.cat([p["emb"] if p["emb"] is not None else torch.zeros(len(p["generated"]), dim) for p in parts]) \
         if parts else torch.zeros(0, dim)
-    return _Embedded(emb, {i: m for p in parts for i, m in p["bad"].items()},
-                     [g for p in parts for g in p["generated"]], sum(p["seconds"] for p in parts),
-                     sum(p["n_encoded"] for p in parts), computed)
+
+    def every(key):  # chunks cached before a field existed report nothing for it
+        return [v for p in parts for v in p.get(key, [None] * len(p["generated"]))]
+    return _Embedded(emb, {i: m for p in parts for i, m in p["bad"].items()}, every("generated"),
+                     sum(p["seconds"] for p in parts), sum(p["n_encoded"] for p in parts), computed,
+                     every("rationales"), every("reasoned"))
+
+
+def _load_cached(kind: str, cache: Path, n: int) -> _Embedded:
+    """The cached ``kind`` embeddings of a finished run (whatever its chunk size), or ``RunError`` naming
+    what is missing."""
+    files = sorted(cache.glob(f"{kind}-*.pt"))  # zero-padded starts: name order is input order
+    parts = [torch.load(f, weights_only=True) for f in files]
+    starts = [int(f.stem.split("-")[1]) for f in files]
+    sizes = [len(p["generated"]) for p in parts]
+    if sum(sizes) != n or starts != [sum(sizes[:i]) for i in range(len(sizes))]:
+        raise RunError(f"{cache}: the cached {kind} embeddings do not cover the {n} inputs of this dataset "
+                       f"(chunks at {starts[:8]}); rerun that mode with --overwrite")
+    return _concat(parts, 0)
 
 
 def _prepare_cache(cache: Path, kind: str, fingerprint: str) -> None:
-    """Rank 0 drops ``kind`` chunks computed from other inputs or settings, then records the fingerprint."""
+    """Rank 0 drops ``kind`` chunks computed from other inputs or settings (and, for queries, the timed
+    latency), then records the fingerprint."""
     meta = cache / f"{kind}.json"
     if meta.exists() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
         return
     for f in cache.glob(f"{kind}-*.pt"):
         f.unlink()
+    if kind == "qry":
+        (cache / _LATENCY).unlink(missing_ok=True)
     atomic_write_text(meta, json.dumps({"fingerprint": fingerprint}))
 
 
-def _latency(encode: QueryEncoder, inputs: Sequence[Input]) -> float | None:
-    if not inputs:
-        return None
-    encode(list(inputs[:1]))  # warm-up
-    t = time.perf_counter()
-    for x in inputs:
-        encode([x])
-    return 1000 * (time.perf_counter() - t) / len(inputs)
+_LATENCY = "latency.json"
+
+
+def _cached_latency(encode: QueryEncoder, es: MMEBSet, cache: Path, cfg: HarnessConfig) -> float | None:
+    """ms per query at batch size 1 on the first ``cfg.latency_sample`` queries, timed once per cache."""
+    f = cache / _LATENCY
+    if f.exists():
+        return json.loads(f.read_text())["ms_per_query"]
+    sample = [resolve(x.query) for x in es.queries[:cfg.latency_sample]]
+    latency = latency_ms(encode, sample) if sample else None
+    atomic_write_text(f, json.dumps({"ms_per_query": latency}))
+    return latency
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,36 +439,52 @@ def _drop_bad(es: MMEBSet, q_bad: dict[int, str], c_bad: dict[int, str]) -> tupl
     return es2, kept_q, kept_c
 
 
-def _check_run(path: Path, settings: dict) -> None:
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            raise ValueError(f"{path.parent} holds a run with other settings {diff}: use another --out folder")
-    elif distributed.is_main():
-        atomic_write_text(path, json.dumps(settings, indent=1))
-
-
 def run_benchmark(backbone: Backbone, source, registry: Mapping[str, DatasetInfo], out_dir: str | Path,
                   cfg: HarnessConfig = HarnessConfig(), encoder: QueryEncoder | None = None,
                   candidate_encoder: QueryEncoder | None = None, benchmark: str = "",
-                  progress: bool = True) -> BenchmarkResult | None:
+                  progress: bool = True, encoder_settings: dict | None = None,
+                  overwrite: bool = False) -> BenchmarkResult | None:
     """Score every dataset of ``registry`` found in ``source``; resumable; returns the result on rank 0.
 
     ``source``: :class:`ToySource` or :class:`MMEBSource` (anything with ``available``, ``version``,
-    ``load``). ``encoder`` embeds queries (default: direct, under ``cfg.prompt``); ``candidate_encoder``
-    embeds candidates (default: direct). Writes ``out/<mode>/{<dataset>_score.json, <dataset>_pred.jsonl,
-    run.json, results.json}`` and the cache under ``out/cache/<mode>/``.
+    ``load``). ``encoder`` embeds queries (default: ``modes.encoder_for(cfg.mode)`` at the default
+    ``InferenceConfig``, direct for a mode name of your own); ``candidate_encoder`` embeds candidates
+    (default: direct); ``encoder_settings`` (threshold, generation budget: ``modes.settings_for``) are part
+    of the run's identity. Writes ``out/<mode>/{<dataset>_score.json, <dataset>_pred.jsonl, manifest.json,
+    results.json}`` and the cache under ``out/cache/<mode>/``. A folder made from other weights, data or
+    settings refuses (``overwrite`` moves it aside; ``runs.RunFolder``). The oracle is :func:`run_oracle`.
     """
-    from tqdm.auto import tqdm
-
+    if cfg.mode == "oracle":
+        raise ValueError("the oracle is combined from the direct and always runs: use run_oracle")
+    if encoder is None and cfg.mode in ENCODER_MODES:
+        inference = InferenceConfig(batch_size=cfg.batch_size, latency_sample=cfg.latency_sample)
+        encoder = encoder_for(backbone, cfg.mode, inference, cfg.prompt)
+        encoder_settings = settings_for(cfg.mode, inference) if encoder_settings is None else encoder_settings
     out_dir = Path(out_dir)
     res_dir, cache_root = out_dir / cfg.mode, out_dir / "cache" / cfg.mode
     encode = encoder or direct_encoder(backbone, cfg.prompt, cfg.batch_size)
     cand_encode = candidate_encoder or direct_encoder(backbone, cfg.prompt, cfg.batch_size)
+    settings, manifest = _identity(backbone, source, benchmark, cfg, encoder_settings)
+    with RunFolder(res_dir, manifest, overwrite=overwrite):
+        return _run(backbone, source, registry, cfg, encode, cand_encode, settings, res_dir, cache_root, benchmark,
+                    progress)
+
+
+def _identity(backbone: Backbone, source, benchmark: str, cfg: HarnessConfig, encoder_settings: dict | None,
+              ) -> tuple[dict, Manifest]:
+    """What determines a mode's scores: a run folder made from other weights, data or settings is never reused."""
+    weights = weights_digest(backbone.model)
     settings = {"benchmark": benchmark, "mode": cfg.mode, "prompt": cfg.prompt, "video_mode": backbone.video_mode,
-                "backbone": str(backbone.source)}
-    _check_run(res_dir / "run.json", settings)
+                "weights": weights, "data": source.fingerprint() if hasattr(source, "fingerprint") else "",
+                "encoder": dict(encoder_settings or {})}
+    manifest = Manifest.make(f"benchmark/{cfg.mode}", settings,
+                             inputs={"weights": weights, "data": settings["data"], "source": str(backbone.source)})
+    return settings, manifest
+
+
+def _run(backbone, source, registry, cfg, encode, cand_encode, settings, res_dir, cache_root, benchmark, progress):
+    from tqdm.auto import tqdm
+
     per: dict[str, DatasetResult] = {}
     embedded = {"queries": 0, "candidates": 0}
     main = distributed.is_main()
@@ -519,46 +513,146 @@ def run_benchmark(backbone: Backbone, source, registry: Mapping[str, DatasetInfo
         if main:
             embedded["candidates"] += c.computed_now
             embedded["queries"] += q.computed_now
-            r = _score_and_write(info, es, q, c, encode, cache, res_dir, cfg, backbone.video_mode)
+            r = _score_and_write(info, es, q, c, lambda es2: _cached_latency(encode, es2, cache, cfg), res_dir, cfg,
+                                 backbone.video_mode)
             if r is not None:
                 per[name] = r
         distributed.barrier()
     if not main:
         return None
+    return _finish(backbone, registry, cfg, benchmark, per, embedded, res_dir)
+
+
+def _finish(backbone: Backbone, registry: Mapping[str, DatasetInfo], cfg: HarnessConfig, benchmark: str,
+            per: dict[str, DatasetResult], embedded: dict, res_dir: Path, upper_bound: bool = False) -> BenchmarkResult:
+    """Aggregate by MMEB-V2's rules and write ``results.json``."""
     scores = {k: v.score for k, v in per.items()}
     agg = aggregate(scores, registry) if scores else None
     result = BenchmarkResult(
         benchmark, cfg.mode, cfg.prompt, backbone.video_mode, str(backbone.source), per,
         agg.overall if agg else float("nan"), dict(agg.per_modality) if agg else {},
         dict(agg.per_meta_task) if agg else {}, len(per), tuple(n for n in registry if n not in per),
-        sum(r.skipped for r in per.values()), embedded)
+        sum(r.skipped for r in per.values()), embedded, upper_bound)
     atomic_write_text(res_dir / "results.json", json.dumps(result.summary(), indent=1))
     return result
 
 
-def _score_and_write(info: DatasetInfo, es: MMEBSet, q: _Embedded, c: _Embedded, encode: QueryEncoder,
-                     cache: Path, res_dir: Path, cfg: HarnessConfig, video_mode: str) -> DatasetResult | None:
+def run_oracle(backbone: Backbone, source, registry: Mapping[str, DatasetInfo], out_dir: str | Path,
+               cfg: HarnessConfig = HarnessConfig(mode="oracle"), inference: InferenceConfig = InferenceConfig(),
+               benchmark: str = "", progress: bool = True, overwrite: bool = False) -> BenchmarkResult | None:
+    """The ``oracle`` mode: per query, the better of ``direct`` and ``always``; an upper bound for any gate.
+
+    The two modes run first into ``out/direct`` and ``out/always`` (finished ones are reused, interrupted
+    ones resume, see :func:`run_benchmark`); the oracle is then combined from their cached embeddings, so it
+    embeds nothing itself. Per query it keeps the always embedding where that query's score is strictly
+    higher (ties go to direct: reasoning must pay for its cost), and the combined embeddings are scored like
+    any mode's, so every metric, top-1 and warning is the oracle's own. Latency, batched time and tokens are
+    charged per query to the mode it picks (``evaluate.combine_oracle``'s rule). ``results.json`` says
+    ``upper_bound: true``: it picks with the answers known, so it is a ceiling, not a method.
+    """
+    out_dir = Path(out_dir)
+    runs = {}
+    for mode in ("direct", "always"):
+        runs[mode] = run_benchmark(backbone, source, registry, out_dir, replace(cfg, mode=mode),
+                                   encoder=encoder_for(backbone, mode, inference, cfg.prompt),
+                                   encoder_settings=settings_for(mode, inference), benchmark=benchmark,
+                                   progress=progress, overwrite=overwrite)
+    cfg = replace(cfg, mode="oracle")
+    res_dir = out_dir / "oracle"
+    _, manifest = _identity(backbone, source, benchmark, cfg, settings_for("oracle", inference))
+    with RunFolder(res_dir, manifest, overwrite=overwrite):
+        if not distributed.is_main():
+            return None
+        per: dict[str, DatasetResult] = {}
+        for name, info in registry.items():
+            score_file = res_dir / f"{name}_score.json"
+            if score_file.exists():
+                per[name] = DatasetResult.from_json(json.loads(score_file.read_text()))
+                continue
+            if name not in runs["direct"].per_dataset or name not in runs["always"].per_dataset:
+                continue  # not found or no usable query: missing in both modes, as here
+            es = source.load(info, strict=cfg.strict)
+            cached = {m: out_dir / "cache" / m / name for m in runs}
+            c = _load_cached("cand", cached["direct"], len(es.candidates))
+            qd, qa = (_load_cached("qry", cached[m], len(es.queries)) for m in ("direct", "always"))
+            r = _score_oracle(info, es, qd, qa, c, runs["direct"].per_dataset[name].latency_ms_per_query,
+                              runs["always"].per_dataset[name].latency_ms_per_query, res_dir, cfg,
+                              backbone.video_mode)
+            if r is not None:
+                per[name] = r
+        return _finish(backbone, registry, cfg, benchmark, per, {"queries": 0, "candidates": 0}, res_dir,
+                       upper_bound=True)
+
+
+def _score_oracle(info: DatasetInfo, es: MMEBSet, qd: _Embedded, qa: _Embedded, c: _Embedded,
+                  lat_direct: float | None, lat_always: float | None, res_dir: Path, cfg: HarnessConfig,
+                  video_mode: str) -> DatasetResult | None:
+    """One dataset of the oracle from the direct and always query embeddings and the candidates'."""
+    bad = {**qd.bad, **qa.bad}
+    es2, kept_q, kept_c = _drop_bad(es, bad, c.bad)
+    if not es2.queries:
+        log.warning("%s: no usable queries left after dropping unreadable data: %s", info.name, es2.problems[:5])
+        return None
+    cand = c.emb[kept_c]
+    direct = score_set(es2, qd.emb[kept_q], cand, info.metric).per_query
+    always = score_set(es2, qa.emb[kept_q], cand, info.metric).per_query
+    use = np.zeros(len(es.queries), dtype=bool)
+    use[kept_q] = always > direct  # (n_queries,) reason here; ties go to direct
+    share = float(use[kept_q].mean())
+    kept = set(kept_q)
+
+    def pick(i, if_always, if_direct):
+        return None if i not in kept else (if_always if use[i] else if_direct)
+    q = _Embedded(torch.where(torch.as_tensor(use)[:, None], qa.emb, qd.emb), bad,
+                  [pick(i, qa.generated[i], 0) for i in range(len(use))],
+                  mixed_cost(qd.seconds, qa.seconds, share), qd.n_encoded, 0,
+                  [pick(i, qa.rationales[i], "") for i in range(len(use))], [pick(i, bool(u), False)
+                                                                                for i, u in enumerate(use)])
+    latency = None if lat_direct is None or lat_always is None else mixed_cost(lat_direct, lat_always, share)
+    return _score_and_write(info, es, q, c, lambda _: latency, res_dir, cfg, video_mode)
+
+
+def _score_and_write(info: DatasetInfo, es: MMEBSet, q: _Embedded, c: _Embedded,
+                     latency_of: Callable[[MMEBSet], float | None], res_dir: Path, cfg: HarnessConfig,
+                     video_mode: str) -> DatasetResult | None:
+    """Score one dataset from its query and candidate embeddings; write its predictions, then its score file.
+
+    ``latency_of(es2)``: ms per query of the mode, given the set left after dropping unreadable data."""
     es2, kept_q, kept_c = _drop_bad(es, q.bad, c.bad)
     if not es2.queries:
         log.warning("%s: no usable queries left after dropping unreadable data: %s", info.name, es2.problems[:5])
         return None
-    lat_file = cache / "latency.json"
-    if lat_file.exists():
-        latency = json.loads(lat_file.read_text())["ms_per_query"]
-    else:
-        sample = [resolve(x.query) for x in es2.queries[:cfg.latency_sample]]
-        latency = _latency(encode, sample) if cfg.latency_sample else None
-        atomic_write_text(lat_file, json.dumps({"ms_per_query": latency}))
+    latency = latency_of(es2)
     s = score_set(es2, q.emb[kept_q], c.emb[kept_c], info.metric)
     gen = [q.generated[i] for i in kept_q if q.generated[i] is not None]
+    reasoned = [q.reasoned[i] for i in kept_q if q.reasoned[i] is not None]
     known = any(h is not None for h in (x.needs_reasoning for x in es2.queries))
     r = DatasetResult(
         info.name, info.modality, info.meta_task, info.metric, s.score, dict(s.at_k), len(es2.queries),
         len(es2.candidates), es2.skipped, es2.problems[:cfg.max_problems], es.version, cfg.mode, cfg.prompt,
         video_mode, latency, 1000 * q.seconds / max(1, q.n_encoded), float(np.mean(gen)) if gen else None,
-        s.split(False) if known else None, s.split(True) if known else None)
-    lines = [json.dumps({"query": x.item_id, "top1": t, "score": float(v), "needs_reasoning": x.needs_reasoning,
-                         "generated_tokens": q.generated[i]})
+        s.split(False) if known else None, s.split(True) if known else None, s.warnings,
+        float(np.mean(reasoned)) if reasoned else None)
+    # Query ids of the predictions file: unique, and stable across runs and modes (so files can be joined).
+    # An item id that repeats in the loaded set (a table with a repeated qry_id) or is empty gets the
+    # query's position in the loaded set appended; positions are taken before unreadable queries are
+    # dropped, so one query's id does not depend on whether another could be read.
+    ids = [x.item_id for x in es.queries]
+    counts: dict[str, int] = {}
+    for iid in ids:
+        counts[iid] = counts.get(iid, 0) + 1
+    used = {iid for iid in ids if iid and counts[iid] == 1}
+    qid = []
+    for i, iid in enumerate(ids):
+        new = iid
+        if not iid or counts[iid] > 1:
+            new = f"{iid}@{i}"
+            while new in used:  # an item id of the set already reads "<id>@<position>"
+                new = f"{new}@{i}"
+            used.add(new)
+        qid.append(new)
+    lines = [json.dumps({"query": qid[i], "top1": t, "score": float(v), "needs_reasoning": x.needs_reasoning,
+                         "generated_tokens": q.generated[i], "reasoned": q.reasoned[i], "rationale": q.rationales[i]})
              for x, t, v, i in zip(es2.queries, s.top1, s.per_query, kept_q)]
     atomic_write_text(res_dir / f"{info.name}_pred.jsonl", "\n".join(lines) + "\n")
     atomic_write_text(res_dir / f"{info.name}_score.json", json.dumps(r.to_json(), indent=1))  # written last: done

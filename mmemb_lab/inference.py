@@ -1,6 +1,6 @@
 """Inference modes of a trained embedder: direct, always (reason then embed), oracle (the better of the two).
 
-Concept (method.md, steps 3 and 5)
+Concept (docs/method.md, steps 3 and 5)
     *direct*: embed at ``<|emb|>`` right after the prompt (r = none).
     *always*: the model opens ``<think>``, writes its own rationale (batched, greedy, KV-cached, stops at
     ``</think>``: :func:`write_spans`), then the embedding is read at ``<|emb|>`` after the span.

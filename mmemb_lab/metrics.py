@@ -14,11 +14,27 @@ sorted best-first, and the metric looks at where the labelled candidates landed.
 
 Used by the evaluation loop and the paper table (notebook on evaluation). Deviations from the reference:
 
-- Ties in scores are broken by candidate index (lower first, a stable sort), so results are
-  deterministic; the reference's tie order depends on its sort routine.
+- **Ties count against the model.** Candidates with equal scores are ordered worst case first: among
+  them, the lower grade ranks higher (non-relevant before relevant), then the lower index. A positive
+  therefore ranks below every candidate with the same score, and a collapsed model (every embedding
+  equal) scores 0 Hit@1 on a local list instead of 100. The reference sorts with numpy's default
+  ``argsort(-scores)``, which is not stable, but on all-equal scores returns the candidates in list
+  order (numpy 2.4, checked); its local lists put the positive first, so there the same collapsed
+  model gets Hit@1 = 100. Real embeddings almost never tie exactly, so this changes no honest score;
+  it only stops a degenerate one from looking perfect. ``rank_candidates`` without grades keeps the
+  plain order (lower index first), used where no labels exist.
 - Hit@k counts a labelled candidate as positive only if its grade is > 0; the reference counts every
   qrels entry. The two agree whenever qrels hold positives only (the usual BEIR case).
 - Negative relevance grades are rejected, so every metric lies in [0, 1].
+- **Graded NDCG is the textbook one** (and agrees with pytrec_eval's ``ndcg_cut`` and ranx's ``ndcg``):
+  each candidate's gain is its own grade. The reference's ``RankingMetrics`` deduplicates a query's
+  labels with ``list(set(labels))`` and then zips them with the grades in their original order, so on
+  a query with two or more distinct grades the grades are paired with the wrong documents in an order
+  that depends on Python's string hashing (``PYTHONHASHSEED``). Example: qrels p0 -> 2, p1 -> 1 and a
+  perfect ranking p0, p1, p2. Ours: DCG@5 = 2/log2(2) + 1/log2(3) = 2.6309298 = IDCG, NDCG@5 = 1.
+  Reference, whenever the set iterates as [p1, p0] (PYTHONHASHSEED 0, 2, 3, 4, 5; not 1): p1 gets
+  grade 2 and p0 grade 1, DCG@5 = 1/log2(2) + 2/log2(3) = 2.2618595, NDCG@5 = 2.2618595 / 2.6309298
+  = 0.8597187. Queries whose labels all share one grade (every image and video task) are unaffected.
 """
 
 from __future__ import annotations
@@ -39,15 +55,25 @@ logger = logging.getLogger(__name__)
 Labels = int | Sequence[int] | Mapping[int, float]
 
 
-def rank_candidates(scores) -> np.ndarray:
-    """Candidate indices sorted by score, best first; ties keep the lower index first.
+def rank_candidates(scores, grades: Labels | None = None) -> np.ndarray:
+    """Candidate indices sorted by score, best first.
 
-    Works along the last axis, so a ``(n_queries, n_candidates)`` matrix gives one ranking per row.
+    Without ``grades``, ties keep the lower index first. With ``grades`` (one query's labels, any form
+    ``score_queries`` accepts; unlabelled candidates have grade 0), ties are broken against the model:
+    the lower grade first, then the lower index, so a relevant candidate ranks below every candidate
+    with the same score (see the module docstring). Works along the last axis, so a
+    ``(n_queries, n_candidates)`` matrix gives one ranking per row (``grades`` then apply to every row).
     """
     s = np.asarray(scores, dtype=np.float64)
     if np.isnan(s).any():
         raise ValueError("scores contain NaN")
-    return np.argsort(-s, axis=-1, kind="stable")  # stable sort on negated scores = lower index wins ties
+    if grades is None:
+        return np.argsort(-s, axis=-1, kind="stable")  # stable sort on negated scores = lower index wins ties
+    g = np.zeros(s.shape[-1])
+    for c, v in _as_grades(grades).items():
+        g[c] = v
+    # lexsort sorts by the last key first and is stable: score descending, then grade ascending, then index
+    return np.lexsort((np.broadcast_to(g, s.shape), -s), axis=-1)
 
 
 def _check_k(k: int) -> int:
@@ -129,7 +155,8 @@ def _canonical_metric(metric: str) -> tuple[str, int]:
 
 def score_queries(score_matrix_or_list, labels: Sequence[Labels], metric: str = "hit@1",
                   ks: Sequence[int] = (1, 5, 10)) -> QueryScores:
-    """Rank every query's candidates and compute Hit@k and linear NDCG@k for each k in ``ks``.
+    """Rank every query's candidates (ties counted against the model, see ``rank_candidates``) and compute
+    Hit@k and linear NDCG@k for each k in ``ks``.
 
     ``score_matrix_or_list``: a ``(n_queries, n_candidates)`` array (global pool, or equal-sized local
     lists) or a list of 1-D score arrays (local lists of different sizes). ``labels[q]``: a positive
@@ -145,10 +172,11 @@ def score_queries(score_matrix_or_list, labels: Sequence[Labels], metric: str = 
     hit = {k: np.zeros(len(rows)) for k in ks}
     ndcg = {k: np.zeros(len(rows)) for k in ks}
     for q, (row, lab) in enumerate(zip(rows, labels)):
-        ranking = rank_candidates(row)
         grades = _as_grades(lab)
-        if any(not 0 <= c < len(ranking) for c in grades):
-            raise ValueError(f"query {q}: label index out of range for {len(ranking)} candidates: {grades}")
+        n = np.shape(row)[-1]
+        if any(not 0 <= c < n for c in grades):
+            raise ValueError(f"query {q}: label index out of range for {n} candidates: {grades}")
+        ranking = rank_candidates(row, grades)  # ties counted against the model
         for k in ks:
             hit[k][q] = hit_at_k(ranking, grades, k)
             ndcg[k][q] = ndcg_at_k(ranking, grades, k)

@@ -1,7 +1,7 @@
 """Real MMEB-V2 data: where it comes from, how it lies on disk, and how it becomes ``data.EvalSet``.
 
 Concept
-    MMEB-V2 (../shared/notes/mmeb-v2.md) stores its 78 evaluation sets in three shapes, and MMEB-train in
+    MMEB-V2 (docs/method.md, MMEB-V2) stores its 78 evaluation sets in three shapes, and MMEB-train in
     a fourth. Each loader here reads one shape, exactly as published, into the objects the rest of the
     workbench already speaks: an :class:`MMEBSet` (a ``data.EvalSet``: queries, a deduplicated candidate
     table, graded relevance) or MMEB-train triples of ``embed.Input``. ``evaluate.score_set`` and the
@@ -279,7 +279,7 @@ class MMEBSet(EvalSet):
     """An ``EvalSet`` plus what was wrong with the data and which split version it is."""
 
     problems: tuple[str, ...] = ()
-    """One message per skipped record, naming the dataset and row."""
+    """One message per skipped record (or duplicate qrels row merged into its pair), naming the dataset and row."""
     version: str = ""
     """Split version of the data (``repo@commit`` where known); stored with every score."""
 
@@ -304,7 +304,11 @@ class _Skipper:
 
 def _local_rows(rows: list[dict], name: str, media_root: Path, skip: _Skipper, video: bool = False,
                 default_tgt_inst: str = "") -> tuple[list[EvalQuery], dict[str, Input]]:
-    """Rows with a per-query candidate list, the positive first (image tasks; local video tasks)."""
+    """Rows with a per-query candidate list, the positive first (image tasks; local video tasks).
+
+    ``default_tgt_inst`` instructs the visual candidates (clips) of a row without ``tgt_inst``; text-only
+    candidates keep none, as the reference gives answer options (video QA, SSv2) no instruction.
+    """
     split = "qry_inst" in rows[0]
     queries: list[EvalQuery] = []
     cands: dict[str, Input] = {}
@@ -323,11 +327,12 @@ def _local_rows(rows: list[dict], name: str, media_root: Path, skip: _Skipper, v
                       visual_from(r.get("qry_img_path"), media_root, where, video), q_inst, None, where)
             if not q.text and not q.instruction and q.visual is None:
                 raise DataError(f"{where}: empty query (no text, no image)")
-            t_inst = strip_placeholders(r.get("tgt_inst") or "") or default_tgt_inst
+            row_inst = strip_placeholders(r.get("tgt_inst") or "")
             keys, new = [], {}
             for j in range(n):
                 t = strip_placeholders(texts[j]) if j < len(texts) else ""
                 p = paths[j] if j < len(paths) else ""
+                t_inst = row_inst or (default_tgt_inst if p else "")
                 key = f"{t_inst}|{t}|{p}"
                 if key not in cands and key not in new:
                     c = Input(t, visual_from(p, media_root, f"{where} candidate {j}", video), t_inst, None,
@@ -377,7 +382,7 @@ def load_video_eval(path: str | Path, frames_root: str | Path, info: DatasetInfo
     tgt_inst = TARGET_INSTRUCTIONS["video"]
     if rows and "tgt_text" in rows[0]:
         _check_columns(rows, ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path"), f"{name} ({path})")
-        queries, cands = _local_rows(rows, name, frames_root, skip, video=True)
+        queries, cands = _local_rows(rows, name, frames_root, skip, video=True, default_tgt_inst=tgt_inst)
         queries = [replace(q, query=replace(q.query, instruction=q.query.instruction or info.instruction))
                    for q in queries]
         return MMEBSet(name, queries, cands, "local", len(skip.problems), tuple(skip.problems), version)
@@ -404,6 +409,7 @@ def load_video_eval(path: str | Path, frames_root: str | Path, info: DatasetInfo
                                      item_id=str(r["video_id"])))
     elif "caption" in rows[0]:  # retrieval: each caption is a query, every distinct clip a candidate
         good: dict[str, bool] = {}
+        n_captions: dict[str, int] = {}  # a clip's captions are numbered over all its rows: unique ids
         for i, r in enumerate(rows):
             where = f"{name} row {i}"
             vid = str(r["video_id"])
@@ -420,11 +426,13 @@ def load_video_eval(path: str | Path, frames_root: str | Path, info: DatasetInfo
                 continue
             caps = r["caption"] if isinstance(r["caption"], list) else [r["caption"]]
             for c, cap in enumerate(caps):
+                number = n_captions.get(vid, 0)
+                n_captions[vid] = number + 1
                 if not str(cap).strip():
                     skip(DataError(f"{where}: empty caption {c}"))
                     continue
                 queries.append(EvalQuery(Input(str(cap), None, info.instruction, None, f"{where} caption {c}"),
-                                         (), {vid: 1.0}, item_id=f"{vid}#{c}"))
+                                         (), {vid: 1.0}, item_id=f"{vid}#{number}"))
     else:
         raise DataError(f"{name} ({path}): unknown video schema; columns {sorted(rows[0])} (expected tgt_text, "
                         "pos_text or caption)")
@@ -434,7 +442,11 @@ def load_video_eval(path: str | Path, frames_root: str | Path, info: DatasetInfo
 
 
 def load_visdoc_eval(path: str | Path, info: DatasetInfo, *, strict: bool = False, version: str = "") -> MMEBSet:
-    """One visual-document dataset in BEIR layout: every page a candidate of every query, graded qrels."""
+    """One visual-document dataset in BEIR layout: every page a candidate of every query, graded qrels.
+
+    A (query, page) pair listed twice keeps its highest grade, as the reference's qrels loader does; each
+    duplicate row is logged, counted and named in ``problems`` (also in strict mode: the rule is defined).
+    """
     name, path = info.name, Path(path)
     parts = {}
     for part, cols in BEIR_COLUMNS.items():
@@ -456,6 +468,7 @@ def load_visdoc_eval(path: str | Path, info: DatasetInfo, *, strict: bool = Fals
             continue
         cands[cid] = Input("", vis, tgt_inst, None, f"{name} corpus {cid}")
     qrels: dict[str, dict[str, float]] = {}
+    duplicates = 0
     for i, r in enumerate(parts["qrels"]):
         cid, qid = str(r["corpus-id"]), str(r["query-id"])
         if cid not in cands:
@@ -465,7 +478,16 @@ def load_visdoc_eval(path: str | Path, info: DatasetInfo, *, strict: bool = Fals
         if grade < 0:
             skip(DataError(f"{name} qrels row {i}: negative relevance {grade}"))
             continue
-        qrels.setdefault(qid, {})[cid] = grade
+        before = qrels.setdefault(qid, {}).get(cid)
+        if before is not None:
+            skip.problems.append(f"{name} qrels row {i}: duplicate pair (query-id {qid!r}, corpus-id {cid!r}), "
+                                 f"grade {grade:g} after {before:g}: kept {max(before, grade):g}")
+            duplicates += 1
+            grade = max(before, grade)
+        qrels[qid][cid] = grade
+    if duplicates:
+        log.warning("%s: %d duplicate qrels row(s) (a query-page pair listed again); kept the highest grade of each",
+                    name, duplicates)
     keys = tuple(cands)
     queries: list[EvalQuery] = []
     for i, r in enumerate(parts["queries"]):

@@ -1,6 +1,6 @@
 """Benchmark registry: which datasets a score is made of, and how each one is scored.
 
-MMEB-V2 (the benchmark our users report on; facts in ``shared/notes/mmeb-v2.md``) is 78 datasets in
+MMEB-V2 (the benchmark our users report on; facts in docs/method.md, MMEB-V2 section) is 78 datasets in
 3 modalities and 9 meta-tasks. A headline number is only comparable with a peer's if it is averaged
 over the *same* datasets, scored with the *same* metric and candidate pool, so this module is the one
 place where that list lives. Every dataset is a :class:`DatasetInfo`:
@@ -20,7 +20,7 @@ Names and per-dataset settings were checked against the public VLM2Vec eval conf
 
 - The reference ``report_score_v2.py`` also lists the English-only ViDoRe v2 splits
   (``ViDoRe_{biomedical_lectures,economics_reports,esg_reports}_v2``); the paper's VDRv2 column, and
-  this registry, use the 4 in the notes (3 multilingual + ESG human-labelled), for 24 visdoc datasets.
+  this registry, use 4 (3 multilingual + ESG human-labelled), for 24 visdoc datasets.
 - Video-RET instructions other than MSR-VTT's, and MomentSeeker's, were not checked one by one; they use
   the meta-task's instruction.
 - Split versions drift (``*-page-fixed``, MomentSeeker de-duplication): store the split version with

@@ -59,3 +59,36 @@ def test_perfect_encoder_scores_100(backbone, small_world):
     reg = {"toy_cls": toy_registry(info)["toy_cls"]}
     res = evaluate(backbone, root, reg, encoder=oracle, latency_sample=1, progress=False)
     assert res.per_dataset["toy_cls"].score == 100.0
+
+
+def test_collapsed_model_scores_zero_and_is_flagged(caplog):
+    """Every embedding equal: each positive ties with every negative. Listed first (the MMEB layout), it
+    would win every tie under a lower-index-first rule (Hit@1 100); ties count against the model instead,
+    and the score file and the log say the embeddings are constant."""
+    cands = {k: Input(k) for k in "abcd"}
+    qs = [EvalQuery(Input(f"q{i}"), tuple("abcd"[i:] + "abcd"[:i]), {"abcd"[i]: 1}) for i in range(4)]
+    es = EvalSet("collapsed", qs, cands, "local")  # query i: its positive first, then the others
+    same = torch.nn.functional.normalize(torch.ones(1, 8), dim=-1)
+    with caplog.at_level("WARNING", logger="mmemb_lab.evaluate"):
+        s = score_set(es, same.repeat(4, 1), same.repeat(4, 1), "hit@1")
+    assert s.score == 0.0 and s.at_k["hit@5"] == 100.0
+    assert all(t not in q.relevance for t, q in zip(s.top1, qs))  # the predictions file agrees with the score
+    assert len(s.warnings) == 2 and "query embeddings are (near) constant" in s.warnings[0]
+    assert "candidate embeddings are (near) constant" in s.warnings[1]
+    assert sum("(near) constant" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_near_constant_embeddings_are_flagged_and_spread_ones_are_not():
+    from mmemb_lab.evaluate import COLLAPSE_DISTANCE, collapse_warnings, mean_cosine_distance
+
+    g = torch.Generator().manual_seed(0)
+    spread = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)
+    pairs = [1 - float(spread[i] @ spread[j]) for i in range(50) for j in range(50) if i != j]
+    assert np.isclose(mean_cosine_distance(spread), np.mean(pairs), atol=1e-9)  # the O(n d) identity holds
+    near = torch.nn.functional.normalize(torch.ones(50, 16) + 1e-3 * torch.randn(50, 16, generator=g), dim=-1)
+    assert mean_cosine_distance(near) < COLLAPSE_DISTANCE < mean_cosine_distance(spread)
+    assert collapse_warnings("x", spread, spread) == ()
+    assert [w.split(" embeddings")[0] for w in collapse_warnings("x", spread, near)] == ["x: candidate"]
+    assert mean_cosine_distance(spread[:1]) is None and collapse_warnings("x", spread[:1], spread[:1]) == ()
+    s = score_set(_set(), torch.eye(4)[[0, 1, 3]], torch.eye(4), "hit@1")  # distinct embeddings: no warning
+    assert s.warnings == () and s.score == 100.0

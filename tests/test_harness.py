@@ -6,6 +6,8 @@ import re
 
 import numpy as np
 import pytest
+
+from mmemb_lab.runs import RunMismatch
 import torch
 
 from mmemb_lab import distributed, harness
@@ -107,7 +109,7 @@ def test_harness_matches_evaluate_and_records_its_settings(backbone, small_world
     assert len((tmp_path / "direct" / "toy_cls_pred.jsonl").read_text().splitlines()) == f["n_queries"]
     summary = json.loads((tmp_path / "direct" / "results.json").read_text())
     assert summary["overall"] == res.overall and summary["missing"] == []
-    with pytest.raises(ValueError, match="other settings"):  # same folder, other prompt convention
+    with pytest.raises(RunMismatch, match="config.prompt: 'user' -> 'raw'"):  # same folder, other prompt convention
         run_benchmark(backbone, source, reg, tmp_path, HarnessConfig(prompt="raw"), benchmark="toy", progress=False)
 
 
@@ -259,6 +261,69 @@ def test_bad_data_is_skipped_and_counted_or_stops_in_strict_mode(backbone, tmp_p
     assert f["skipped"] == r.skipped and f["problems"] == list(r.problems)
     if case == "unreadable_image":  # rows 1 and 2 rank img_3 and are dropped; row 0 is scored
         assert r.n_queries == 1 and r.n_candidates == 3
+
+
+def _pred_ids(run, dataset):
+    return [json.loads(x)["query"] for x in (run / "direct" / f"{dataset}_pred.jsonl").read_text().splitlines()]
+
+
+def test_prediction_ids_are_unique_when_rows_share_a_video(backbone, tmp_path):
+    root = write_mmeb(tmp_path / "MMEB-V2")
+    (root / "video" / "MSR-VTT" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"video_id": "video0", "caption": "a man is singing"},
+        {"video_id": "video1", "caption": "a cat plays piano"},
+        {"video_id": "video0", "caption": "a man sings on stage"},  # a second caption row of video0
+        {"video_id": "video2", "caption": "cars race on a track"}]) + "\n")
+    reg, cfg = _mmeb_reg(("MSR-VTT",)), HarnessConfig(latency_sample=0)
+    run_benchmark(backbone, MMEBSource(root), reg, tmp_path / "a", cfg, progress=False)
+    ids = _pred_ids(tmp_path / "a", "MSR-VTT")
+    assert len(ids) == 4 and len(set(ids)) == 4, ids
+    run_benchmark(backbone, MMEBSource(root), reg, tmp_path / "b", cfg, progress=False)
+    assert _pred_ids(tmp_path / "b", "MSR-VTT") == ids  # stable: another run writes the same ids
+
+
+class _RepeatedIds:
+    """A source whose item ids repeat (or are missing), as a hand-made or converted table can have."""
+
+    root = "memory"
+
+    def available(self, info):
+        return True
+
+    def version(self, info):
+        return "test"
+
+    def load(self, info, strict=False):
+        from mmemb_lab.mmeb import MMEBSet
+
+        cands = {k: Input(k) for k in ("red", "green", "blue")}
+        ids = ["a", "a", "b", "", "a@1"]
+        qs = [EvalQuery(Input(f"query {i}"), tuple(cands), {"red": 1.0}, item_id=x) for i, x in enumerate(ids)]
+        return MMEBSet(info.name, qs, cands, "local", version="test")
+
+
+def test_prediction_ids_are_unique_and_keep_unique_item_ids(backbone, tmp_path):
+    reg = _mmeb_reg(("ImageNet-1K",))
+    res = run_benchmark(backbone, _RepeatedIds(), reg, tmp_path, HarnessConfig(latency_sample=0), progress=False)
+    ids = _pred_ids(tmp_path, "ImageNet-1K")
+    assert res.per_dataset["ImageNet-1K"].n_queries == 5 and len(set(ids)) == 5, ids
+    assert ids[2] == "b" and ids[4] == "a@1"  # an item id that does not repeat is kept as it is
+    assert ids[0].startswith("a@") and ids[1].startswith("a@") and ids[3]  # repeated or empty: positions added
+
+
+def test_collapsed_encoder_is_flagged_in_the_score_file(backbone, small_world, tmp_path):
+    """Constant embeddings tie everywhere: they score no better than the worst tie order, and say so."""
+    source, reg = _toy(small_world, ("toy_cls",))
+    const = lambda inputs: torch.nn.functional.normalize(torch.ones(len(inputs), 8), dim=-1)  # noqa: E731
+    res = run_benchmark(backbone, source, reg, tmp_path, HarnessConfig(latency_sample=0), encoder=const,
+                        candidate_encoder=const, progress=False)
+    r = res.per_dataset["toy_cls"]
+    f = json.loads((tmp_path / "direct" / "toy_cls_score.json").read_text())
+    assert r.score == 0.0 and f["score"] == 0.0
+    assert len(f["warnings"]) == 2 and all("(near) constant" in w for w in f["warnings"])
+    assert harness.load_results(tmp_path, reg)["toy_cls"].warnings == r.warnings  # read back on resume
+    preds = [json.loads(x) for x in (tmp_path / "direct" / "toy_cls_pred.jsonl").read_text().splitlines()]
+    assert all(p["score"] == 0.0 for p in preds)
 
 
 def test_harness_bench_measures_throughput_and_the_global_pool_saving(backbone):

@@ -30,6 +30,26 @@ def test_ties_broken_by_lower_index_first():
     assert rank_candidates(np.zeros(6)).tolist() == list(range(6))
 
 
+def test_ties_count_against_the_model():
+    """A collapsed model (every score equal) must not score 100 because its positive is listed first."""
+    collapsed = np.zeros((4, 5))  # four queries, five candidates each, the positive first (the MMEB layout)
+    res = score_queries(collapsed, [0, 0, 0, {0: 1.0}], metric="hit@1", ks=(1, 5))
+    assert res.hit[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert res.hit[5].tolist() == [1.0] * 4  # ranked last of five, still inside the top 5
+    # the positive sits at rank 5 behind four equal negatives: NDCG@5 = (1/log2 6) / 1 = 0.3868528
+    assert res.ndcg_linear[5] == pytest.approx([0.3868528] * 4, abs=1e-7)
+    # partial ties: candidates 1, 2, 4 tie at 0.9; the positive 2 goes below both negatives it ties with
+    scores = [0.5, 0.9, 0.9, 0.1, 0.9]
+    assert rank_candidates(scores, [2]).tolist() == [1, 4, 2, 0, 3]
+    assert score_queries([np.array(scores)], [[2]], metric="hit@1", ks=(1, 3)).hit[3].tolist() == [1.0]
+    assert score_queries([np.array(scores)], [[2]], metric="hit@1", ks=(1, 2)).hit[2].tolist() == [0.0]
+    # graded ties: the lower grade first, so among three equal scores grade 1 precedes grade 2
+    assert rank_candidates([0.3, 0.3, 0.3, 0.9], {0: 2.0, 1: 1.0}).tolist() == [3, 2, 1, 0]
+    # a strictly higher score still wins whatever the grades, and without ties nothing changes
+    assert rank_candidates([0.2, 0.7, 0.1], {0: 3.0}).tolist() == rank_candidates([0.2, 0.7, 0.1]).tolist()
+    assert score_queries(np.eye(3), [0, 1, 2], metric="hit@1").main == 1.0
+
+
 def test_rank_candidates_rowwise_and_rejects_nan():
     m = np.array([[0.0, 1.0, 0.5], [3.0, 3.0, 4.0]])
     assert rank_candidates(m).tolist() == [[1, 2, 0], [2, 0, 1]]
@@ -81,6 +101,18 @@ def test_ndcg_simple_cases_by_hand():
     assert ndcg_at_k([0, 1, 2, 3], {3: 1.0}, 3) == 0.0
 
 
+def test_reference_grade_pairing_example_of_the_docstring():
+    """The module docstring's example: qrels p0 -> 2, p1 -> 1, perfect ranking p0, p1, p2 (indices 0, 1, 2)."""
+    import mmemb_lab.metrics as metrics
+
+    ours = ndcg_at_k([0, 1, 2], {0: 2.0, 1: 1.0}, 5)
+    swapped = ndcg_at_k([0, 1, 2], {0: 1.0, 1: 2.0}, 5)  # the grades paired the other way round
+    assert ours == pytest.approx(1.0, abs=1e-12)
+    assert swapped == pytest.approx((1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3)), abs=1e-12)
+    for number in (f"{2 + 1 / math.log2(3):.7f}", f"{1 + 2 / math.log2(3):.7f}", f"{swapped:.7f}"):
+        assert number in metrics.__doc__, number
+
+
 def test_ndcg_zero_when_ideal_dcg_is_zero():
     assert ndcg_at_k([0, 1, 2], {1: 0.0}, 5) == 0.0
     assert ndcg_at_k([0, 1, 2], [0.0, 0.0, 0.0], 5) == 0.0
@@ -109,6 +141,14 @@ def _bf_hit(order, grades, k):
     return 1.0 if any(grades.get(c, 0.0) > 0 for c in order[:k]) else 0.0
 
 
+def _bf_worst(scores, grades, k, n):
+    """The worst Hit@k and NDCG@k over every ordering that sorts the scores (ties in any order)."""
+    orders = [list(p) for p in itertools.permutations(range(n))
+              if all(scores[a] >= scores[b] for a, b in zip(p, p[1:]))]
+    return (min(_bf_hit(o, grades, k) for o in orders),
+            min(_bf_ndcg(o, grades, k, n) for o in orders))
+
+
 def test_agrees_with_brute_force_on_random_rankings():
     rng = random.Random(0)
     ks = (1, 2, 3, 5, 10)
@@ -125,9 +165,12 @@ def test_agrees_with_brute_force_on_random_rankings():
         assert rank_candidates(scores).tolist() == order
         for k in ks:
             expected_ndcg = _bf_ndcg(order, grades, k, len(scores))
-            assert abs(res.ndcg_linear[k][q] - expected_ndcg) < 1e-9
             assert abs(ndcg_at_k(order, grades, k) - expected_ndcg) < 1e-9
-            assert res.hit[k][q] == _bf_hit(order, grades, k)
+            # score_queries counts ties against the model: its metrics are the worst over all tie orders,
+            # never above those of the plain (lower index first) order
+            worst_hit, worst_ndcg = _bf_worst(scores.tolist(), grades, k, len(scores))
+            assert abs(res.ndcg_linear[k][q] - worst_ndcg) < 1e-9 and worst_ndcg <= expected_ndcg + 1e-12
+            assert res.hit[k][q] == worst_hit <= _bf_hit(order, grades, k)
     for k in ks:
         assert abs(res.means[f"ndcg_linear@{k}"] - sum(res.ndcg_linear[k]) / 200) < 1e-12
 

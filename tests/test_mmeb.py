@@ -198,6 +198,43 @@ def test_video_local_rows_sample_8_frames_in_natural_order(backbone, mmeb_root):
     assert es.eval_type == "local" and len(s.per_query) == 3
 
 
+def test_video_local_candidates_get_the_reference_instruction(mmeb_root, tmp_path):
+    """Clip candidates of a row without tgt_inst get the reference's "Understand the content of the provided
+    video."; text answer options (video QA) keep none, as in the reference."""
+    info = MMEB_V2["QVHighlight"]
+    frames = tmp_path / "frames"
+    rows = []
+    for i in range(2):
+        _frames(frames / "video_mret" / info.name / f"q{i}" / "query", 9, base=30 * i)
+        clips = []
+        for j in range(3):
+            _frames(frames / "video_mret" / info.name / f"q{i}" / f"clip{j}", 8, base=30 * i + 5 * j)
+            clips.append(f"video_mret/{info.name}/q{i}/clip{j}")
+        rows.append({"qry_inst": "", "qry_text": f"a moment {i}", "qry_img_path": f"video_mret/{info.name}/q{i}/query",
+                     "tgt_inst": "", "tgt_text": [""] * 3, "tgt_img_path": clips})
+    _parquet(rows, tmp_path / info.name / "test.parquet")
+    es = mmeb.load_video_eval(tmp_path / info.name, frames, info)
+    assert len(es.queries) == 2 and len(es.candidates) == 6
+    assert {c.instruction for c in es.candidates.values()} == {mmeb.TARGET_INSTRUCTIONS["video"]}
+    assert all(len(mmeb.resolve(c).visual) == 8 for c in es.candidates.values())
+    qa = mmeb.load_dataset(mmeb_root, MMEB_V2["Video-MME"])
+    assert {c.instruction for c in qa.candidates.values()} == {""} and all(
+        c.visual is None for c in qa.candidates.values())
+
+
+def test_video_retrieval_caption_ids_are_unique_when_rows_share_a_clip(tmp_path):
+    root = write_mmeb(tmp_path / "MMEB-V2")
+    (root / "video" / "MSR-VTT" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"video_id": "video0", "caption": "a man is singing"},
+        {"video_id": "video1", "caption": ["a cat plays piano", "a kitten on a keyboard"]},
+        {"video_id": "video0", "caption": "a man sings on stage"},
+        {"video_id": "video0", "caption": ["", "someone sings"]}]) + "\n")
+    ret = mmeb.load_dataset(root, MMEB_V2["MSR-VTT"])
+    ids = [q.item_id for q in ret.queries]
+    assert ids == ["video0#0", "video1#0", "video1#1", "video0#1", "video0#3"]  # the empty caption #2 skipped
+    assert [next(iter(q.relevance)) for q in ret.queries] == [i.split("#")[0] for i in ids]
+
+
 def test_video_global_classification_and_retrieval(mmeb_root):
     k700 = mmeb.load_dataset(mmeb_root, MMEB_V2["K700"])
     assert k700.eval_type == "global" and set(k700.candidates) == {"abseiling", "archery", "baking cookies"}
@@ -238,6 +275,25 @@ def test_visdoc_beir_graded_qrels_in_every_image_format(backbone, mmeb_root, tmp
     s, q, c = _embed_and_score(backbone, es, info)
     assert s.metric == "ndcg@5" and 0 <= s.score <= 100
     assert set(s.at_k) >= {"ndcg_linear@5", "hit@1"}
+
+
+def test_visdoc_duplicate_qrels_keep_the_highest_grade(tmp_path, caplog):
+    """A (query, page) pair listed twice keeps its highest grade (the reference's rule), whichever comes last."""
+    root = write_mmeb(tmp_path / "dup")
+    info = MMEB_V2["ViDoRe_arxivqa"]
+    qrels = [("q0", "p0", 2), ("q0", "p1", 1), ("q1", "p2", 1), ("q2", "p3", 2), ("q2", "p1", 0),
+             ("q0", "p0", 1), ("q0", "p1", 2)]  # rows 5 and 6 repeat q0's pairs: one lower, one higher
+    _parquet([{"query-id": q, "corpus-id": c, "score": g} for q, c, g in qrels],
+             root / "visdoc" / info.name / "qrels" / "test-00000-of-00001.parquet")
+    with caplog.at_level("WARNING", logger="mmemb_lab.mmeb"):
+        es = mmeb.load_dataset(root, info)
+    assert es.queries[0].relevance == {"p0": 2.0, "p1": 2.0}
+    assert es.queries[1].relevance == {"p2": 1.0} and es.queries[2].relevance == {"p3": 2.0, "p1": 0.0}
+    assert [m.split(":")[0] for m in es.problems] == ["ViDoRe_arxivqa qrels row 5", "ViDoRe_arxivqa qrels row 6"]
+    assert "kept 2" in es.problems[0] and "kept 2" in es.problems[1] and es.skipped == 2
+    assert any("2 duplicate qrels row(s)" in r.getMessage() for r in caplog.records)
+    strict = mmeb.load_dataset(root, info, strict=True)  # a defined rule, not a bad record: strict loads too
+    assert [q.relevance for q in strict.queries] == [q.relevance for q in es.queries]
 
 
 def test_qrels_orphan_and_empty_candidates_strict_or_counted(tmp_path):
