@@ -3,8 +3,8 @@
 What ``make demo`` runs (``python -m mmemb_lab demo --seed S --out DIR``). Every step writes its
 outputs under ``DIR`` and resumes where a killed run stopped (the world and the foundation are reused
 when present, fine-tuning continues from its last checkpoint). Writes ``DIR/config.json`` (the resolved
-config), ``DIR/summary.json`` (the numbers, see the issue tracker for its schema) and figures under
-``DIR/figures`` and ``figures/``.
+config), ``DIR/summary.json`` (the numbers) and figures under ``DIR/figures`` (never into the repository's
+``figures/``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from .evaluate import evaluate
 from .figures import description_accuracy as description_figure
 from .figures import (
     easy_hard_by_dataset, gain_by_worker, gain_scatter, gate_curve, gate_invocation, modes_easy_hard,
-    reasoning_headroom, rl_curves, save_figure, selection_outcome, stage1_curves,
+    reasoning_headroom, rl_curves, save_figures, selection_outcome, stage1_curves,
 )
 from .foundation import description_accuracy, load_foundation, skill_accuracy, train_foundation
 from .paths import foundation_dir, worlds_dir
 from .presets import PRESETS, RunConfig
+from .runs import Manifest, RunFolder, file_digest
 from .selection import gold_rationale_gain, run_selection, selection_summary
 from .stage2 import retime_fixed_modes, run_stage2
 from .train import atomic_write_text, read_metrics
@@ -39,10 +40,21 @@ def world_summary(info: dict) -> dict:
 
 def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny", foundation: str | Path | None = None,
              world_dir: str | Path | None = None, progress: bool = True) -> dict:
-    t0 = time.time()
+    """Run (or resume) the demo into ``out``. ``out`` is a run folder (``runs.RunFolder``): its manifest holds
+    the preset's config, the seed, the foundation's weights file digest and the code version; a folder made
+    from anything else is moved aside whole (``<out>.stale-<time>``) and the demo starts afresh there."""
     cfg: RunConfig = PRESETS[preset](seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    fpath = Path(foundation) if foundation else foundation_dir()
+    weights = fpath / "model.safetensors"
+    manifest = Manifest.make("demo", {"preset": preset, **cfg.to_dict()}, seed,
+                             {"foundation": file_digest(weights) if weights.exists() else "to be trained"})
+    with RunFolder(out, manifest, overwrite=True):
+        return _run_demo(seed, Path(out), preset, cfg, fpath, world_dir, progress)
+
+
+def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, world_dir: str | Path | None,
+              progress: bool) -> dict:
+    t0 = time.time()
     atomic_write_text(out / "config.json", json.dumps({"seed": seed, **cfg.to_dict()}, indent=1, default=str))
     run_name = f"{out.name} ({preset}, seed {seed})"
 
@@ -50,7 +62,6 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
     log.info("[1/7] toy world -> %s", root)
     info = build_world(root, cfg.world, progress=progress)
 
-    fpath = Path(foundation) if foundation else foundation_dir()
     if not (fpath / "foundation.json").exists():
         log.warning("no foundation model at %s: training stage 0 in this process (about 2.3 hours on 2 cores with "
                     "the 2 processes of `make foundation`)", fpath)
@@ -86,6 +97,12 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
         arms = run_arms(str(fpath), str(root), info, str(out / "selection"), out / "stage1", cfg, seed)
         ours, abl = arms["selected"], arms["random_worker"]
         evals.update({"direct": ours["direct"], "always": ours["always"], "oracle": ours["oracle"]})
+        baselines = {}
+        for name, mode in (("baseline_direct", "direct"), ("baseline_always", "always")):
+            if name in arms:
+                evals[name] = arms[name][mode] | {"trained_rationales": arms[name]["rationales"],
+                                                  "train_wall_s": arms[name]["train_wall_s"]}
+                baselines[name] = (out / "stage1" / name / "model", mode)
         stage1_block = {
             "steps": ours["steps"], "train_wall_s": ours["train_wall_s"],
             "rationale_sensitivity": ours["rationale_sensitivity"],
@@ -104,9 +121,10 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
             log.info("[6/7] stage 2: GRPO (%d steps) teaches the gate when to reason; adaptive evaluation and sweep",
                      cfg.stage2.rl.steps)
             s2 = run_stage2(out / "stage1" / "selected" / "model", root, registry, out / "stage2", cfg.stage2, seed,
-                            cfg.world.hard_fraction, seed, cfg.latency_sample, progress)
+                            cfg.world.hard_fraction, seed, cfg.latency_sample, progress, baselines)
             evals = retime_fixed_modes(evals | s2["eval"], s2["gate"]["latency"])
             gate_block, stage2_block = s2["gate"], s2["stage2"]
+            gate_block["oracle_gain_captured"] = oracle_gain_captured(evals)
             figs.update({"gate_invocation": gate_invocation(s2["eval"]["adaptive"], gate_block),
                          "gate_curve": gate_curve(gate_block["curve"]),
                          "rl_curves": rl_curves(stage2_block["reward_during_rl"], stage2_block["invocation_during_rl"])})
@@ -136,9 +154,7 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
                  "foundation_description_accuracy": description_figure(seen),
                  "foundation_skill_accuracy": description_figure(
                      skills, title="Stage 0: single-step skills (the hops a rationale chains)")})
-    for name, fig in figs.items():
-        save_figure(fig, name, run=run_name, directory=out / "figures")
-        save_figure(fig, name, run=run_name)
+    save_figures(figs, out / "figures", run=run_name)  # the run's own folder only: one run never overwrites another's
     return summary
 
 
@@ -153,8 +169,17 @@ def _num(x, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def oracle_gain_captured(evals: dict) -> float | None:
+    """(adaptive - direct) / (oracle - direct), overall: the share of the per-query oracle's gain over the
+    direct mode that the gate realises (both fixed modes and the oracle from the stage-1 model)."""
+    d, o, a = (evals.get(k, {}).get("overall") for k in ("direct", "oracle", "adaptive"))
+    if None in (d, o, a) or o - d <= 0:
+        return None
+    return (a - d) / (o - d)
+
+
 def latency_check(adaptive: dict, always: dict, timed: dict) -> str:
-    """Issue 5's cost line, adaptive <= (invocation rate + 0.1) x always, and what it is made of.
+    """The cost line, adaptive <= (invocation rate + 0.1) x always, and what it is made of.
 
     The bound takes the invocation rate over every evaluation query, but latency is timed on a sample
     (``latency_sample`` queries per dataset, ``gate["latency"]``). So the line also shows the sample's own
@@ -176,12 +201,17 @@ def format_summary(summary: dict) -> str:
     kept, where the gate opened and what it cost (printed at the end of ``make demo``)."""
     ev = summary["eval"]
     lines = [f"{'mode':14s} {'overall':>8s} {'easy':>6s} {'hard':>6s} {'ms/query':>9s}  reasoning invoked"]
-    for mode in ("stage0_direct", "direct", "always", "oracle", "adaptive"):
+    for mode in ("stage0_direct", "baseline_direct", "baseline_always", "direct", "always", "oracle",
+                 "adaptive_stage1", "adaptive"):
         if mode not in ev:
             continue
         d = ev[mode]
         inv = {"stage0_direct": "never", "direct": "never", "always": "always",
+               "baseline_direct": "never (trained without rationales)",
+               "baseline_always": "always (trained to reason on every pair)",
                "oracle": "where it helps (needs the positive: an upper bound)"}.get(mode)
+        if mode == "adaptive_stage1":
+            inv = f"{d['invocation_rate']:.2f} (the stage-1 model's own gate, before GRPO)"
         if mode == "adaptive":
             inv = (f"{d['invocation_rate']:.2f} (easy {d['invocation_rate_easy']:.2f}, hard "
                    f"{d['invocation_rate_hard']:.2f}); p50 / p95 {d['latency_ms_p50']:.1f} / "
@@ -208,6 +238,15 @@ def format_summary(summary: dict) -> str:
                         else f"a closed gate costs {gate['latency_ms_not_invoked']:.1f} ms"))
         if "adaptive" in ev and "always" in ev and "latency" in gate:
             lines.append(latency_check(ev["adaptive"], ev["always"], gate["latency"]))
+            lat = gate["latency"]
+            if "mixed_cost_ratio" in lat:
+                lines.append(f"mixed cost: adaptive {lat['adaptive_ms']:.1f} ms / ((1 - s) direct + s always = "
+                             f"{lat['mixed_cost_ms']:.1f} ms) = {lat['mixed_cost_ratio']:.2f} on {lat['n']} queries "
+                             f"timed together (s = {lat['invoked_share']:.2f} there, {lat['invoked_share_eval']:.2f} "
+                             "on the whole eval set)")
+        if gate.get("oracle_gain_captured") is not None:
+            lines.append(f"oracle gain captured: (adaptive - direct) / (oracle - direct) = "
+                         f"{gate['oracle_gain_captured']:.2f}")
     lines.append("foundation sees: " + ", ".join(f"{k} {v:.3f}"
                                                  for k, v in summary["foundation"]["description_accuracy"].items()))
     return "\n".join(lines)
@@ -215,28 +254,40 @@ def format_summary(summary: dict) -> str:
 
 def run_arms(foundation: str, world_root: str, info: dict, selection_dir: str, out: Path, cfg: RunConfig,
              seed: int) -> dict[str, dict]:
-    """Stage 1 with selected rationales (ours) and with random-worker rationales (ablation), trained at equal
-    steps in two processes of one thread each (two 1-thread processes use 2 cores better than one 2-thread)."""
+    """Stage 1 with selected rationales (ours), with random-worker rationales (ablation) and, with
+    ``cfg.baselines``, the two baselines trained for their own mode on the same pairs and steps: no
+    rationales (``baseline_direct``) and a rationale on every pair (``baseline_always``). In two processes of
+    one thread each (two 1-thread processes use 2 cores better than one 2-thread): ours then the direct
+    baseline here, the ablation then the always baseline in the other."""
     import multiprocessing as mp
     from dataclasses import replace
 
     from .stage1 import run_arm
 
-    abl_cfg = replace(cfg.stage1, rationales="random_worker")
     common = (world_root, info, selection_dir)
-    abl_args = (foundation, *common, str(out / "random_worker"), abl_cfg, seed, cfg.world.hard_fraction, seed, 1,
-                False, cfg.latency_sample)
+    threads = 1 if cfg.parallel_arms else None
+
+    def args(name: str, rationales: str, full_eval: bool, only: str | None = None) -> tuple:
+        return (foundation, *common, str(out / name), replace(cfg.stage1, rationales=rationales), seed,
+                cfg.world.hard_fraction, seed, threads, full_eval, cfg.latency_sample, 64, only)
+
+    here = [("selected", args("selected", "selected", True))]
+    there = [("random_worker", args("random_worker", "random_worker", False))]
+    if cfg.baselines:
+        here.append(("baseline_direct", args("baseline_direct", "none", False, "direct")))
+        there.append(("baseline_always", args("baseline_always", "always", False, "always")))
+    arms = {}
     if cfg.parallel_arms:
         ctx = mp.get_context("spawn")
         with ctx.Pool(1) as pool:
-            pending = pool.apply_async(_arm_entry, (abl_args,))
-            ours = run_arm(foundation, *common, str(out / "selected"), cfg.stage1, seed, cfg.world.hard_fraction,
-                           seed, 1, True, cfg.latency_sample)
-            ablation = pending.get()
+            pending = [(name, pool.apply_async(_arm_entry, (a,))) for name, a in there]
+            for name, a in here:
+                arms[name] = run_arm(*a)
+            for name, p in pending:
+                arms[name] = p.get()
             pool.close()  # let the worker exit on its own: terminating it leaks tqdm's lock (a semaphore warning)
             pool.join()
     else:
-        ours = run_arm(foundation, *common, str(out / "selected"), cfg.stage1, seed, cfg.world.hard_fraction, seed,
-                       None, True, cfg.latency_sample)
-        ablation = _arm_entry(abl_args)
-    return {"selected": ours, "random_worker": ablation}
+        for name, a in here + there:
+            arms[name] = _arm_entry(a)
+    return arms

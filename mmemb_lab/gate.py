@@ -1,6 +1,6 @@
 """The adaptive gate at inference: one prefill decides whether to reason and already holds the direct embedding.
 
-Concept (method.md, step 5)
+Concept (docs/method.md, step 5)
     After stage 2 the model's first assistant token is a decision: ``<think>`` (reason, then embed) or
     ``<|emb|>`` (embed now). We feed ``prompt + <|emb|>`` once. Under causal attention that single
     forward gives both

@@ -1,4 +1,4 @@
-"""Stage-2 rewards: reason only where reasoning pays for itself (method.md, step 4).
+"""Stage-2 rewards: reason only where reasoning pays for itself (docs/method.md, step 4).
 
 Concept
     In stage 2 the policy decides, per input, how to start its assistant turn: open a reasoning span
@@ -38,12 +38,9 @@ Where our reward departs from the paper's outline (only the outline is public)
     - s is the InfoNCE probability of t+ against *the pair's own* negatives (temperature 0.05); the paper
       only says "pair-aware". Why the probability and not its log (which selection uses to rank the
       candidates of one pair): the reward compares reasoning with not reasoning *across* pairs, and the
-      log-gap is unbounded below. Measured on the seed-0 stage-1 model, its greedy rationales on the 192 RL
-      queries: on hard items reasoning lifts Hit@1 from 0.31 to 0.56 and the gap is positive on 58% of
-      them, yet the mean log-gap is -1.44 (a few confidently wrong rationales at -10 and below outweigh
-      everything), so a log-scale reward teaches the gate never to open. The probability gap is bounded in
-      [-1, 1], tracks the Hit@1 change (mean +0.21 on hard, -0.42 on easy items) and prices a token on
-      the same scale.
+      log-gap is unbounded below: a few confidently wrong rationales outweigh the many that help, and a
+      log-scale reward taught the gate never to open (docs/research-log.md, Stage 2: probability-scale
+      utility). The probability gap is bounded in [-1, 1] and prices a token on the same scale.
     - The baseline of the gap is the policy's own direct embedding of the same query (removal
       intervention, do(r = nothing)), recomputed at every reward call, so the reward is non-stationary:
       as training improves the direct path, reasoning has to earn more.

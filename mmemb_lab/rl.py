@@ -1,4 +1,4 @@
-"""Stage 2: learn *when* to reason, by GRPO with the utility-gap reward (method.md, step 4).
+"""Stage 2: learn *when* to reason, by GRPO with the utility-gap reward (docs/method.md, step 4).
 
 Concept
     The stage-1 model can both embed directly and reason-then-embed. Stage 2 turns the first
@@ -36,16 +36,14 @@ Where our GRPO departs from textbook GRPO (DeepSeekMath) - and from the paper's 
     - **What is trained** (``train``): "all" updates the whole model, as textbook GRPO would; "decision"
       (ours) updates only the ``<think>`` row of the output embedding (untied first from the input
       embedding, so the rationale written after ``<think>`` does not move), a linear gate on the state at
-      the assistant start. Measured on the tiny preset: 40 steps of "all" lowered the direct path by 3.7 /
-      6.7 points (seeds 0 / 1) while the rationales did not improve; "decision" cannot touch the direct
-      embedding (the ``<think>`` row only enters inputs that reason).
+      the assistant start. "decision" cannot touch the direct embedding (the ``<think>`` row only enters
+      inputs that reason), which "all" lowered (docs/research-log.md, Stage 2: only the decision trains).
     - **Greedy rationales for the decision** (ours, ``rationale="greedy"``, with ``train="decision"``): the
       rollout samples the decision token alone, and an opening is credited with the rationale the model
-      writes *at inference* (greedy, generated once per query and cached: the writer is frozen). With
-      sampled rationales (temperature 0.8) the decision was judged on spans worse than those inference
-      writes: their mean log-gap was -0.8 to -7 per step on the seed-0 stage-1 model, against -1.44 for
-      the greedy spans of the same queries, and the gate closed on every item within 5 steps. The one-token
-      rollouts also make a step cheap (no 64-token sampling for every completion).
+      writes *at inference* (greedy, generated once per query and cached: the writer is frozen). Sampled
+      rationales are worse than those inference writes, and the gate judged on them closed everywhere
+      (docs/research-log.md, Stage 2: greedy rationales). The one-token rollouts also make a step cheap
+      (no 64-token sampling for every completion).
     - **Loss aggregation**: trl's default ``loss_type="dapo"`` (token losses averaged over all active
       tokens of the batch) instead of the per-sequence mean, which would favour short completions with
       positive advantage and long ones with negative advantage. Configurable.
@@ -358,9 +356,8 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
         if cfg.constrain_decision else None
     greedy = cfg.rationale == "greedy"
     cuda = torch.cuda.is_available()
-    # bf16 only for bf16 weights (a Qwen-VL release). Measured on an H200: bf16 *autocast* over our fp32
-    # tiny model turned every vision-tower weight into NaN at the second GRPO step with the sdpa attention
-    # (lr 1e-4 as well as 3e-2; fp32, or eager attention, were fine) - an fp32 model trains in fp32.
+    # bf16 only for bf16 weights (a Qwen-VL release): an fp32 model trains in fp32, since bf16 autocast over
+    # it turned weights into NaN on a GPU (docs/research-log.md, GPU).
     bf16 = cuda and next(model.parameters()).dtype == torch.bfloat16
     args = GRPOConfig(**{**dict(
         output_dir=str(out / "trl"), use_cpu=not cuda, bf16=bf16,
@@ -480,8 +477,8 @@ def _decision_only(model: torch.nn.Module, think: int):
     """Freeze every weight but the ``<think>`` row of the output embedding; returns a function that undoes it.
 
     The tiny models tie input and output embeddings: training the tied row would also move the INPUT
-    embedding of ``<think>``, which every rationale is written after (measured, seed 0: always-mode hard
-    61.8 -> 21.9 after 40 steps at lr 1e-2, the direct path untouched). So the output layer is untied
+    embedding of ``<think>``, which every rationale is written after (it wrecked the always mode:
+    docs/research-log.md, Stage 2: untie the output row). So the output layer is untied
     first and only its row trains: the gate moves, the rationale writer and the embedder do not."""
     untie_output_embedding(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -1,4 +1,4 @@
-"""Pair-aware posterior selection by counterfactual intervention (method.md, step 2).
+"""Pair-aware posterior selection by counterfactual intervention (docs/method.md, step 2).
 
 Concept
     For a pair (q, t+) with negatives N and a candidate rationale r_k, an *evaluator* embedder scores a
@@ -23,13 +23,9 @@ Concept
     not reasoning and beats the strongest rationale written for another pair), tau = ln 2 (it at least
     doubles p(t+ | q)), the fitted prior. Why swap_max and not the same worker's swap ("both", the previous
     default): gains against each worker's own partner are not comparable - a hallucinating worker's partner
-    rationale is wrong too, so its swap gain is inflated, and it passed where the correct rationale, measured
-    against a correct partner, did not ("cls-57", seed 0: swap gain 0.97 vs 0.52; the hallucinating one was
-    kept). Against one intervention per pair every candidate faces the same bar. Measured on the tiny preset's gain tables (seeds 0 / 1 / 2, stage-0 evaluator of ``data/foundation``):
-    "both" kept hallucinating rationales for 3.0 / 3.0 / 2.9% of selections (precision 0.945 / 0.960 / 0.949);
-    "both_max" 1.4 / 1.2 / 0.6% (0.981 / 0.980 / 0.987), but chose no reasoning for 55% of hard pairs instead
-    of 41-44% (91-95% of easy ones either way). Earlier (toy-world-v2, ``runs/v2d0``): swap with a uniform prior
-    chose no reasoning for 12% of easy pairs and kept hallucinating rationales for 13.8% of selections.
+    rationale is wrong too, so its swap gain is inflated. Against one intervention per pair every candidate
+    faces the same bar, and fewer hallucinating rationales are kept, at the price of more "no reasoning" on
+    hard pairs (docs/research-log.md, Selection: the "both_max" counterfactual).
 
 Deviations: the paper's exact confidence and threshold are not public; ours are documented defaults.
 The swap partner is the same worker's rationale for the next query of the same dataset whose target
@@ -124,9 +120,8 @@ def swap_partners(datasets: Sequence[str], targets: Sequence | None = None) -> n
 
     With ``targets`` (one identity per pair), the partner is the next pair of the same dataset whose
     target differs: a rationale written for a query with the SAME target is not a counterfactual - it
-    states content that is right for this pair too. Measured on the tiny preset (seed 0, before this
-    rule): a correct rationale's swap gain was 0.00 whenever the next classification or grounding pair
-    had the same answer class, so it failed tau and the hallucinating one was selected instead."""
+    states content that is right for this pair too (without this rule a correct rationale failed tau:
+    docs/research-log.md, Selection: swap partners)."""
     out = np.full(len(datasets), -1)
     by: dict[str, list[int]] = {}
     for i, d in enumerate(datasets):

@@ -1,6 +1,6 @@
 """Stage 1: joint contrastive + rationale-generation training on the selected latent reasoning.
 
-Concept (method.md, step 3)
+Concept (docs/method.md, step 3)
     With r* the rationale selected for the pair (or none):
 
         L = InfoNCE(e(q + r*), t+) + lambda_gen * NextToken(r* | q) + lambda_dir * InfoNCE(e(q), t+)
@@ -11,8 +11,8 @@ Concept (method.md, step 3)
       the reasoning span (``<think>``, r*, ``</think>``) and, for pairs whose latent is "no reasoning",
       the decision to embed at once (``<|emb|>`` as the first assistant token) - never the prompt,
       the image or padding. (Ours: the paper's outline does not say how r = none is supervised.)
-    - the direct term keeps the no-reasoning path strong (a prototype that trained only on reasoning
-      lost its direct path: easy-shape accuracy .77 -> .17).
+    - the direct term keeps the no-reasoning path strong (a prototype trained only on reasoning lost its
+      direct path: docs/research-log.md, Prototypes).
 
     One forward over ``prompt + [<think> r* </think>] <|emb|>`` yields both the next-token loss and
     e(q + r*); a second forward gives e(q); targets (positive + mined negatives) a third. Only the query
@@ -23,11 +23,13 @@ rationale for every pair, no selection), "always" (the best candidate by gain fo
 below tau); ``lambda_dir = 0`` and ``lambda_gen = 0`` switch the other terms off.
 Defaults (weights, temperature, steps) are ours, documented here and in the run's config.json.
 
-Used by: the demo (``eval.direct/always/oracle``, ``stage1``), ``mmemb-lab train``, notebook 04.
+Used by: the demo, through :func:`run_arm` (``eval.direct/always/oracle``, ``stage1``), and notebook 04.
+``mmemb-lab train`` does not run stage 1: it runs the contrastive fine-tuning of ``mmemb_lab.finetune``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -42,17 +44,24 @@ from .backbone import EMB_TOKEN, THINK_OPEN, Backbone, reasoning_span
 from .contrastive import info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
+from .runs import Manifest, RunFolder, weights_digest
 from .train import LoopConfig, LoopResult, run_loop
 from .world.tasks import Item, make_item
 
 log = logging.getLogger(__name__)
 
 
+RATIONALE_SOURCES = ("selected", "random_worker", "always", "none")
+"""Where a stage-1 arm's rationales come from: the selection (ours), a random worker's candidate (the
+ablation), the best candidate by gain whatever its sign on every pair (the always-reasoning baseline), or
+none at all (the discriminative, direct-only baseline)."""
+
+
 @dataclass(frozen=True)
 class Stage1Config:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=300, lr=2e-4, warmup=20, ckpt_every=50))
-    """Optimiser and schedule. Measured on the tiny preset (seed 0, 160 steps): lr 5e-4 cost the direct path
-    7.9 points of easy accuracy against stage 0, 2e-4 cost 1.7 with the same always-mode scores."""
+    """Optimiser and schedule. Why lr 2e-4: 5e-4 cost the direct path more for the same always-mode scores
+    (docs/research-log.md, Stage 1: learning rate)."""
     batch_size: int = 32
     """Pairs per step (global)."""
     temperature: float = 0.05
@@ -69,12 +78,11 @@ class Stage1Config:
     """GradCache chunk size (0 = unchunked): the contrastive batch no longer bounds activation memory."""
     length_buckets: int = 4
     """Unchunked steps run each forward as this many sub-batches of rows of similar length (1 = one padded
-    batch). Same loss and gradient (rows do not interact inside the model); fewer padded positions.
-    Measured (tiny preset, seed-0 selection, batch 32): padding is 42% of the reasoned forward in one
-    batch; ``make bench`` reports the step time with and without buckets."""
+    batch). Same loss and gradient (rows do not interact inside the model); fewer padded positions
+    (``make bench`` times both; docs/research-log.md, Stage 1: length buckets)."""
 
     def __post_init__(self):
-        if self.rationales not in ("selected", "random_worker", "always"):
+        if self.rationales not in RATIONALE_SOURCES:
             raise ValueError(f"unknown rationale source {self.rationales!r}")
         if self.lambda_gen < 0 or self.lambda_dir < 0:
             raise ValueError("loss weights must be >= 0")
@@ -85,13 +93,8 @@ class Stage1Config:
 def assistant_target(rationale: str | None) -> str:
     """What the model should write after the prompt: a reasoning span (or nothing), then ``<|emb|>``.
 
-    Measured and not adopted: ``<think> r`` (a space first). The toy BPE splits a span's first word into
-    pieces seen nowhere else ("<think>star" -> ``st ar``, "the star" -> ``Ġstar``), and the stage-1 model's
-    rationales open with the wrong anchor ("circle:" for "from the triangle ..."). With the space, the
-    first token's loss fell only from 3.2 / 5.1 / 4.2 to 3.1 / 4.2 / 2.2 nats (three seed-0 rationales), the
-    first step stayed at 0.00, and ``make demo`` moved always-hard 21.7 / 26.1 / 22.9 -> 19.1 / 23.1 / 24.0
-    and direct-easy 84.6 / 81.3 / 80.6 -> 84.5 / 79.3 / 80.9 (seeds 0 / 1 / 2): no gain, so the span kept
-    the format every earlier measurement used."""
+    No space after ``<think>``: a space first was measured and gave no gain (docs/research-log.md, Stage 1:
+    no space after ``<think>``)."""
     return (reasoning_span(rationale) if rationale else "") + EMB_TOKEN
 
 
@@ -210,6 +213,8 @@ def load_stage1_set(selection_dir: str | Path, world_seed: int, hard_fraction: f
         cands = [g for g in gains[r["item_id"]] if g["status"] == "ok"]
         if source == "selected":
             rat = r["rationale"]
+        elif source == "none":
+            rat = None
         elif source == "random_worker":
             rat = cands[int(rng.integers(len(cands)))]["rationale"] if cands else None
         else:  # always: the best candidate by swap gain, whatever its gain
@@ -320,60 +325,32 @@ def _chunked_step(backbone, module, cfg, queries, targets_text, target_inputs, n
             "nce_direct": float(nce_d.loss.detach()), "acc_reasoned": nce_r.accuracy, "acc_direct": nce_d.accuracy}
 
 
-def _check_resumable(out: Path, data: list[tuple[Item, str | None]], cfg: Stage1Config, seed: int,
-                     stale: str = "raise") -> None:
-    """A checkpoint in ``out`` may only be resumed by the run that wrote it: same pairs, rationales, config.
-
-    Writes ``run.json`` (a digest of the training set and config) next to the checkpoint; a later call with
-    other data (a new selection, another ablation) raises instead of silently continuing the old run, or
-    (``stale="archive"``, what the demo does; one process only) moves the old run aside to
-    ``<out>.stale-<digest>`` and starts afresh: nothing is lost, nothing is mixed."""
-    import hashlib
-    import os
-
-    from .train import atomic_write_text
-
-    h = hashlib.sha256(json.dumps([[it.item_id, r] for it, r in data]).encode())
-    h.update(json.dumps(asdict(cfg), sort_keys=True, default=str).encode() + str(seed).encode())
-    digest = h.hexdigest()[:16]
-    stamp = out / "run.json"
-    old = json.loads(stamp.read_text())["digest"] if stamp.exists() else digest
-    if old != digest:
-        if stale != "archive" or distributed.world_size() > 1:  # ranks must not race to move the folder
-            raise ValueError(f"{out} holds a stage-1 run on other pairs, rationales or settings; delete it (or "
-                             "choose another output folder) to train this one")
-        dest, k = out.with_name(f"{out.name}.stale-{old}"), 1
-        while dest.exists():
-            dest, k = out.with_name(f"{out.name}.stale-{old}-{k}"), k + 1
-        os.replace(out, dest)
-        out.mkdir(parents=True)
-        log.warning("%s held a stage-1 run on other pairs, rationales or settings: moved to %s; training afresh",
-                    out, dest)
-    if not stamp.exists() and (out / "checkpoint.pt").exists():
-        log.warning("%s: checkpoint without run.json (an older run); resuming it as is", out)
-    atomic_write_text(stamp, json.dumps({"digest": digest, "pairs": len(data)}))
-
-
 def train_stage1(backbone: Backbone, data: list[tuple[Item, str | None]], out_dir: str | Path,
                  cfg: Stage1Config = Stage1Config(), seed: int = 0, resume: bool = True,
                  stop_after: int | None = None, stale: str = "raise") -> LoopResult:
     """Run (or resume) stage 1; the backbone's weights are updated in place. ``stale``: what to do with a
-    checkpoint in ``out_dir`` written by another run ("raise", or "archive" it and start afresh)."""
+    checkpoint in ``out_dir`` written by another run ("raise", or "archive": move it aside and start afresh)."""
     log.info("stage 1 (%s rationales): %d pairs, %d with reasoning", cfg.rationales, len(data),
              sum(r is not None for _, r in data))
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    _check_resumable(Path(out_dir), data, cfg, seed, stale)
-    return run_loop(Stage1Model(backbone.model), make_step_fn(backbone, data, cfg, seed), cfg.loop, out_dir,
-                    resume=resume, stop_after=stop_after, desc=f"stage 1 ({cfg.rationales})")
+    # a checkpoint may only be resumed by the run that wrote it: same pairs and rationales, config, seed and
+    # starting weights (``runs.RunFolder``); "archive" moves another run aside, "raise" refuses
+    pairs = hashlib.sha256(json.dumps([[it.item_id, r] for it, r in data]).encode()).hexdigest()[:16]
+    manifest = Manifest.make("stage1", cfg, seed, {"pairs": pairs, "n_pairs": len(data),
+                                                   "weights": weights_digest(backbone.model)})
+    with RunFolder(out_dir, manifest, overwrite=stale == "archive", resume=resume):
+        return run_loop(Stage1Model(backbone.model), make_step_fn(backbone, data, cfg, seed), cfg.loop, out_dir,
+                        resume=resume, stop_after=stop_after, desc=f"stage 1 ({cfg.rationales})")
 
 
 def run_arm(foundation: str, world_root: str, registry_info: dict, selection_dir: str, out_dir: str,
             cfg: Stage1Config, world_seed: int, hard_fraction: float, seed: int = 0, threads: int | None = None,
-            full_eval: bool = True, latency_sample: int = 16, max_new_tokens: int = 64) -> dict:
+            full_eval: bool = True, latency_sample: int = 16, max_new_tokens: int = 64,
+            only: str | None = None) -> dict:
     """One arm of stage 1 from the foundation checkpoint: train, then measure (also runs in a subprocess).
 
     Returns the arm's numbers: wall time, always-mode scores, rationale diagnostics, and (``full_eval``)
-    the direct and oracle modes. Writes ``arm.json`` and the trained model under ``out_dir``."""
+    the direct and oracle modes. Writes ``arm.json`` and the trained model under ``out_dir``.
+    ``only="direct"`` / ``"always"``: a baseline arm, evaluated in its own mode only (model saved)."""
     import time
 
     from .evaluate import combine_oracle, evaluate
@@ -394,6 +371,9 @@ def run_arm(foundation: str, world_root: str, registry_info: dict, selection_dir
     if res.resumed_from >= res.steps_done and (out / "arm.json").exists():  # already trained: report that run's time
         train_wall = json.loads((out / "arm.json").read_text()).get("train_wall_s", train_wall)
     registry = toy_registry(registry_info)
+    if only is not None:
+        return _baseline_arm(backbone, world_root, registry, out, cfg, res, train_wall, only, latency_sample,
+                             max_new_tokens)
     enc = ReasoningEncoder(backbone, max_new_tokens)
     always = evaluate(backbone, world_root, registry, "always", encoder=enc, out_dir=out / "eval",
                       latency_sample=latency_sample, progress=False)
@@ -409,5 +389,23 @@ def run_arm(foundation: str, world_root: str, registry_info: dict, selection_dir
         arm["direct"] = direct.summary()
         arm["oracle"] = combine_oracle(direct, always, registry).summary()
         backbone.save(out / "model")
+    atomic_write_text(out / "arm.json", json.dumps(arm, indent=1))
+    return arm
+
+
+def _baseline_arm(backbone: Backbone, world_root: str, registry: dict, out: Path, cfg: Stage1Config, res: LoopResult,
+                  train_wall: float, mode: str, latency_sample: int, max_new_tokens: int) -> dict:
+    """A baseline trained for one mode, evaluated in that mode only: ``direct`` (no rationales) or ``always``
+    (a rationale on every pair, written by the model itself at inference)."""
+    from .evaluate import evaluate
+    from .inference import ReasoningEncoder
+    from .train import atomic_write_text
+
+    enc = ReasoningEncoder(backbone, max_new_tokens) if mode == "always" else None
+    r = evaluate(backbone, world_root, registry, mode, encoder=enc, out_dir=out / "eval",
+                 latency_sample=latency_sample, progress=False)
+    arm = {"rationales": cfg.rationales, "steps": res.steps_done, "train_wall_s": train_wall,
+           mode: r.summary() | ({"unclosed_spans": enc.unclosed} if enc else {})}
+    backbone.save(out / "model")
     atomic_write_text(out / "arm.json", json.dumps(arm, indent=1))
     return arm

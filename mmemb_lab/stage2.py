@@ -1,6 +1,6 @@
 """Stage 2 in the main job: GRPO on the stage-1 model, then the adaptive gate measured against direct and always.
 
-Concept (method.md, steps 4-5)
+Concept (docs/method.md, steps 4-5)
     ``mmemb_lab.rl`` teaches the first assistant token to choose between ``<think>`` and ``<|emb|>``;
     ``mmemb_lab.gate`` reads that choice from the same prefill that gives the direct embedding. This
     module runs the two on a trained stage-1 model and measures what a user of the gate cares about:
@@ -27,6 +27,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -49,28 +50,8 @@ class Stage2Config:
                                                            rationale="greedy", scale_rewards="none"))
     """GRPO settings (``mmemb_lab.rl.RLConfig``; ours). The decision alone trains (the direct path and the
     rationale writer cannot change), each opening is scored with the greedy rationale inference writes,
-    and advantages are not divided by the group's std (Dr. GRPO).
-
-    Measured by rerunning stage 2 alone on the seed-0/1/2 stage-1 models of the tiny preset as trained with
-    the previous selection default ("both"; ``eval``, threshold 0.5):
-
-    - rewards on the log-probability scale, sampled rationales (T 0.8), group-std scaling, 40 steps at lr
-      1e-2 (the previous default): the gate closed everywhere within 5 steps (adaptive = direct).
-    - probability scale + greedy rationales, group-std scaling: closed within 40 steps all the same. Group
-      scaling gives a hard item whose rationale lifts p(t+) by 0.6 the same advantage as one whose reasoning
-      costs 0.05 more than it gains, and most items favour shutting; a linear gate then shuts across the board.
-    - ... with ``scale_rewards="none"``, 40 steps at lr 1e-2: adaptive overall 75.3 / 77.8 / 70.0 (direct
-      55.8 / 57.6 / 54.4, always 55.1 / 55.4 / 54.0); seed 2's gate was still drifting shut (mean p_open
-      0.55 -> 0.23 over steps 10-40).
-    - ... 80 steps at lr 3e-3: 76.2 / 77.1 / 75.0, the gate stable over the last 40 steps.
-    - The whole demo with these defaults (selection "both_max"): adaptive 75.2 / 72.4 / 74.2 against direct
-      55.8 / 57.1 / 53.9 and always 55.7 / 55.5 / 52.3; the gate opens on 0% of easy and 46 / 37 / 54% of
-      hard queries - on the datasets where the model's own rationale pays (cls, gd, i2t, qa), hardly anywhere
-      else.
-
-    Earlier measurements (train="all", sampled rationales): temperature 0.8 moved the gate where 1.0 barely
-    did; lr 3e-4 cost the direct path 10 points overall, 1e-4 1-4; a stage-1 model that opens with p 0.995 did
-    not move without decision exploration and closed with eps 0.5."""
+    and advantages are not divided by the group's std (Dr. GRPO). Why: with group-std scaling, or
+    log-probability rewards, the gate shut everywhere (docs/research-log.md, Stage 2: the GRPO settings)."""
     n_per_dataset: int = 24
     """RL training queries per toy dataset (``train`` split, after the rows stage 1 used)."""
     probe_per_dataset: int = 8
@@ -86,16 +67,19 @@ class Stage2Config:
 
 
 def reference_latency(backbone: Backbone, inputs: list, adaptive: AdaptiveEncoder,
-                      max_new_tokens: int = 64, stage1: Backbone | None = None) -> dict:
+                      max_new_tokens: int = 64, stage1: Backbone | None = None,
+                      extra: dict[str, Callable] | None = None) -> dict:
     """Time each input alone as direct, always and adaptive, interleaved (after one warm-up of each); with
     ``stage1``, that model's direct and always modes too (``stage1_direct_ms`` / ``stage1_always_ms``), in the
-    same loop, so that every mode's latency is measured under the same load (:func:`retime_fixed_modes`)."""
+    same loop, so that every mode's latency is measured under the same load (:func:`retime_fixed_modes`);
+    ``extra`` adds more named one-input encoders to the loop (the stage-1 gate, the baselines: ``<name>_ms``)."""
     always = ReasoningEncoder(backbone, max_new_tokens)
     modes = {"direct": lambda x: embed(backbone, [x]), "always": lambda x: always([x]),
              "adaptive": lambda x: adaptive([x])}
     if stage1 is not None:
         always1 = ReasoningEncoder(stage1, max_new_tokens)
         modes.update(stage1_direct=lambda x: embed(stage1, [x]), stage1_always=lambda x: always1([x]))
+    modes.update(extra or {})
     for f in modes.values():
         f(inputs[0])
     times: dict[str, list[float]] = {k: [] for k in modes}
@@ -115,7 +99,27 @@ def reference_latency(backbone: Backbone, inputs: list, adaptive: AdaptiveEncode
             "direct_ms_on_not_invoked": float(np.mean(np.array(times["direct"])[~inv])) if (~inv).any() else None,
             "invoked_ms": float(a[inv].mean()) if inv.any() else None,
             "always_ms_on_invoked": float(np.mean(np.array(times["always"])[inv])) if inv.any() else None,
-            **{f"{k}_ms": float(np.mean(v)) for k, v in times.items() if k.startswith("stage1_")}}
+            "mixed_cost_ms": mixed_cost(float(np.mean(times["direct"])), float(np.mean(times["always"])),
+                                        float(inv.mean())),
+            **{f"{k}_ms": float(np.mean(v)) for k, v in times.items() if k not in ("direct", "always", "adaptive")}}
+
+
+def stratified_sample(gp: GatePass, threshold: float, n: int, seed: int = 0) -> tuple[list, float]:
+    """``n`` evaluation queries to time, drawn so that the share on which the gate opens matches the whole
+    evaluation set's (to within 1/(2n)): a sample that opens more or less often than the set would bias
+    the adaptive mode's latency against the fixed modes'. Returns the sample and its share of opened
+    queries by the gate pass (at batch size 1 a query near the threshold may fall the other way)."""
+    opened, closed = [], []
+    for dg in gp.per.values():
+        for q, p in zip(dg.es.queries, dg.p):
+            (opened if p > threshold else closed).append(q.query)
+    n = min(n, len(opened) + len(closed))
+    share = len(opened) / max(1, len(opened) + len(closed))
+    k = min(len(opened), int(round(share * n)))
+    rng = np.random.default_rng([seed, 31])
+    pick = [opened[i] for i in sorted(rng.choice(len(opened), k, replace=False))] + \
+           [closed[i] for i in sorted(rng.choice(len(closed), n - k, replace=False))]
+    return [pick[i] for i in rng.permutation(len(pick))], k / max(1, n)  # a mixed order of datasets
 
 
 def retime_fixed_modes(evals: dict, lat: dict) -> dict:
@@ -123,16 +127,17 @@ def retime_fixed_modes(evals: dict, lat: dict) -> dict:
     :func:`reference_latency`'s stage-1 timings, which ran interleaved with the adaptive mode.
 
     Why: the demo evaluates the stage-1 model while the random-worker ablation arm trains and evaluates on the
-    other core, so its own timings ran under another load than the adaptive mode's (seed 0, 2026-11-27: always
-    141.0 ms there, 107-110 ms beside the adaptive mode), and the cost line compares the two. The earlier
+    other core, so its own timings ran under another load than the adaptive mode's (docs/research-log.md,
+    Evaluation: the fixed modes are re-timed), and the cost line compares the two. The earlier
     timing is kept as ``latency_ms_per_query_stage1_pass``. The oracle's latency is recomputed from the new
     direct and always timings with its reasoning share (``evaluate.combine_oracle``)."""
     if "stage1_always_ms" not in lat:
         return evals
     out = dict(evals)
-    for mode in ("direct", "always"):
-        if mode in out:
-            out[mode] = out[mode] | {"latency_ms_per_query": lat[f"stage1_{mode}_ms"],
+    for mode, key in (("direct", "stage1_direct_ms"), ("always", "stage1_always_ms"),
+                      ("baseline_direct", "baseline_direct_ms"), ("baseline_always", "baseline_always_ms")):
+        if mode in out and key in lat:
+            out[mode] = out[mode] | {"latency_ms_per_query": lat[key],
                                      "latency_ms_per_query_stage1_pass": out[mode]["latency_ms_per_query"]}
     if "oracle" in out and "reasoning_share" in out["oracle"]:
         ms = mixed_cost(lat["stage1_direct_ms"], lat["stage1_always_ms"], out["oracle"]["reasoning_share"])
@@ -187,15 +192,19 @@ def mode_results(gp: GatePass, registry: dict, threshold: float, lat: dict) -> d
 
 def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: str | Path, cfg: Stage2Config,
                world_seed: int, hard_fraction: float, seed: int = 0, latency_sample: int = 8,
-               progress: bool = True) -> dict:
+               progress: bool = True, baselines: dict[str, tuple[str | Path, str]] | None = None) -> dict:
     """GRPO from the stage-1 model (skipped when ``out_dir/model`` exists: a killed run resumes after it),
     then every measurement of ``eval.adaptive`` and ``gate``. Returns {"eval": {...}, "gate": {...},
     "stage2": {...}}; writes ``stage2.json`` under ``out_dir``.
 
     One gate pass reasons for every evaluation query, so direct, always, adaptive and every threshold of
     the sweep are scored from the same embeddings; latency is timed separately at batch size 1, the
-    stage-1 model's direct and always modes interleaved with the adaptive one (``gate.latency``)."""
-    from .data import load_eval
+    stage-1 model's direct and always modes interleaved with the adaptive one (``gate.latency``), on a
+    sample whose gate-opening share matches the evaluation set's (:func:`stratified_sample`).
+
+    Also measured: ``eval.adaptive_stage1``, the stage-1 model's own gate at the same threshold (what stage 1
+    alone learned about when to reason), and with ``baselines`` ({name: (model folder, mode)}) each
+    baseline's latency in its own mode, timed in the same loop (``gate.latency.<name>_ms``)."""
     from .evaluate import write_dataset_files
 
     out = Path(out_dir)
@@ -222,12 +231,21 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
 
     gp = gate_pass(backbone, world_root, registry, -1.0, cfg.max_new_tokens, latency_sample=latency_sample,
                    progress=progress)
-    sample = []
-    for name, info in registry.items():
-        sample += [q.query for q in load_eval(world_root, name, info.eval_type).queries[:latency_sample]]
+    stage1 = load_backbone(stage1_model)
+    gp1 = gate_pass(stage1, world_root, registry, cfg.threshold, cfg.max_new_tokens, latency_sample=0,
+                    progress=progress)
+    sample, target_share = stratified_sample(gp, cfg.threshold, latency_sample * len(registry), seed)
+    adaptive1 = AdaptiveEncoder(stage1, cfg.threshold, cfg.max_new_tokens)
+    extra = {"stage1_adaptive": lambda x: adaptive1([x])}
+    for name, (path, mode) in (baselines or {}).items():
+        extra[name] = _one_input_encoder(load_backbone(path), mode, cfg.max_new_tokens)
     lat = reference_latency(backbone, sample, AdaptiveEncoder(backbone, cfg.threshold, cfg.max_new_tokens),
-                            cfg.max_new_tokens, stage1=load_backbone(stage1_model))
+                            cfg.max_new_tokens, stage1=stage1, extra=extra)
+    lat["invoked_share_eval"] = float(np.mean(np.concatenate([dg.p > cfg.threshold for dg in gp.per.values()])))
+    lat["invoked_share_sample_target"] = target_share
+    lat["mixed_cost_ratio"] = lat["adaptive_ms"] / lat["mixed_cost_ms"]
     modes = mode_results(gp, registry, cfg.threshold, lat)
+    stage1_adaptive = _adaptive_only(gp1, registry, cfg.threshold, lat["stage1_adaptive_ms"])
     for name, ds in modes["adaptive"].per_dataset.items():
         write_dataset_files(out / "eval" / "adaptive", ds, gp.per[name].es)
     rates, gate = gate_block(gp, registry, cfg.threshold)
@@ -236,8 +254,10 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
         "latency_ms_p50": lat["adaptive_p50_ms"], "latency_ms_p95": lat["adaptive_p95_ms"], "threshold": cfg.threshold}
     gate.update({"latency_ms_not_invoked": lat["not_invoked_ms"], "latency": lat,
                  "curve": [{k: v for k, v in p.summary().items() if k != "per_meta_task"} for p in points]})
+    rates1, _ = gate_block(gp1, registry, cfg.threshold)
     result = {
-        "eval": {"adaptive": adaptive_summary},
+        "eval": {"adaptive": adaptive_summary,
+                 "adaptive_stage1": stage1_adaptive.summary() | rates1 | {"threshold": cfg.threshold}},
         "gate": gate,
         "stage2": {"rl": asdict(cfg.rl) | {"n_queries": cfg.n_per_dataset * len(registry)}, "rl_wall_s": rl_wall,
                    "after_rl": {"direct": _short(modes["direct"]), "always": _short(modes["always"])},
@@ -247,6 +267,23 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
     }
     atomic_write_text(out / "stage2.json", json.dumps(result, indent=1))
     return result
+
+
+def _adaptive_only(gp: GatePass, registry: dict, threshold: float, latency_ms: float) -> EvalResult:
+    """The adaptive mode alone from a pass that reasoned only where the gate opens."""
+    per = {name: dg.score(dg.p > threshold) for name, dg in gp.per.items()}
+    n = sum(len(dg.p) for dg in gp.per.values())
+    tokens = sum(float(dg.tokens[dg.p > threshold].sum()) for dg in gp.per.values()) / n
+    share = sum(int((dg.p > threshold).sum()) for dg in gp.per.values()) / n
+    batched = gp.batched_ms["gate"] + share * gp.batched_ms["reason"]
+    return eval_result("adaptive", per, registry, latency_ms, batched, {"generated_tokens_per_query": tokens})
+
+
+def _one_input_encoder(backbone: Backbone, mode: str, max_new_tokens: int) -> Callable:
+    if mode == "direct":
+        return lambda x: embed(backbone, [x])
+    enc = ReasoningEncoder(backbone, max_new_tokens)
+    return lambda x: enc([x])
 
 
 def _source_digest(stage1_model: Path, cfg: Stage2Config, world_seed: int, hard_fraction: float, seed: int) -> str:

@@ -41,7 +41,23 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
             "invocation_rate", "invocation_rate_easy", "invocation_rate_hard", "latency_ms_p50",
             "latency_ms_p95"} <= set(ad)
     assert 0 <= ad["invocation_rate"] <= 1 and ad["latency_ms_p50"] <= ad["latency_ms_p95"]
+    ev = on_disk["eval"]  # baselines trained for their own mode, and the stage-1 model's own gate
+    for mode in ("baseline_direct", "baseline_always", "adaptive_stage1"):
+        assert {"overall", "easy", "hard", "per_dataset", "latency_ms_per_query"} <= set(ev[mode]), mode
+    assert ev["baseline_direct"]["trained_rationales"] == "none"
+    assert ev["baseline_always"]["trained_rationales"] == "always"
+    assert ev["baseline_always"]["generated_tokens_per_query"] > 0
+    assert 0 <= ev["adaptive_stage1"]["invocation_rate"] <= 1
     gate = on_disk["gate"]
+    lat = gate["latency"]  # every latency of the cost lines timed in one interleaved loop
+    assert {"baseline_direct_ms", "baseline_always_ms", "stage1_adaptive_ms", "mixed_cost_ms"} <= set(lat)
+    assert abs(lat["mixed_cost_ratio"] - lat["adaptive_ms"] / lat["mixed_cost_ms"]) < 1e-9
+    assert abs(lat["invoked_share_sample_target"] - lat["invoked_share_eval"]) <= 0.5 / lat["n"] + 1e-9  # stratified
+    for mode in ("baseline_direct", "baseline_always"):  # retimed in that loop, like direct and always
+        assert ev[mode]["latency_ms_per_query"] == lat[f"{mode}_ms"], mode
+    og = gate["oracle_gain_captured"]
+    d, o, a = (ev[k]["overall"] for k in ("direct", "oracle", "adaptive"))
+    assert og is None if o <= d else abs(og - (a - d) / (o - d)) < 1e-9
     assert {"precision_vs_needs_reasoning", "recall_vs_needs_reasoning", "latency_ms_not_invoked", "curve"} <= set(gate)
     rates = [p["invocation_rate"] for p in gate["curve"]]  # decreasing thresholds: non-decreasing invocation
     assert len(rates) == 3 and rates == sorted(rates)
@@ -53,7 +69,7 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
                      foundation=tiny_foundation)
     assert again["stage2"]["reward_during_rl"] == on_disk["stage2"]["reward_during_rl"]
     assert (tmp_path / "run" / "figures" / "direct_easy_vs_hard.html").exists()
-    assert (tmp_path / "figures" / "direct_easy_vs_hard.html").exists()
+    assert not (tmp_path / "figures").exists()  # a run never writes the repository's figures/
     assert json.loads((tmp_path / "run" / "config.json").read_text())["preset"] == "smoke"
     # the digest `make demo` prints ends the run: one row per mode, read from the summary
     from mmemb_lab.demo import format_summary

@@ -136,16 +136,20 @@ def test_a_stage1_checkpoint_is_resumed_only_by_the_run_that_wrote_it(make_backb
     from mmemb_lab.stage1 import train_stage1
     from mmemb_lab.train import LoopConfig
 
-    bb = make_backbone(seed=5)
+    from mmemb_lab.runs import RunMismatch
+
     data = [(make_item(n, 0, "train", i, 0.5), None) for n in ("toy_qa", "toy_cls") for i in range(2)]
     cfg = Stage1Config(loop=LoopConfig(steps=2, lr=1e-4, warmup=1, ckpt_every=1), batch_size=2)
-    train_stage1(bb, data, tmp_path, cfg, stop_after=1)
-    assert train_stage1(bb, data, tmp_path, cfg).resumed_from == 1  # the same run resumes
+    # each call starts from the same weights, as a resumed demo reloads its foundation
+    train_stage1(make_backbone(seed=5), data, tmp_path, cfg, stop_after=1)
+    assert train_stage1(make_backbone(seed=5), data, tmp_path, cfg).resumed_from == 1  # the same run resumes
     other = [(data[0][0], "so it is."), *data[1:]]  # a different rationale: another run
-    with pytest.raises(ValueError, match="other pairs"):
-        train_stage1(bb, other, tmp_path, cfg)
+    with pytest.raises(RunMismatch, match="inputs.pairs"):
+        train_stage1(make_backbone(seed=5), other, tmp_path, cfg)
+    with pytest.raises(RunMismatch, match="inputs.weights"):  # other starting weights: another run too
+        train_stage1(make_backbone(seed=6), data, tmp_path, cfg)
     # the demo's choice: the old run is moved aside whole, and the new one starts at step 0
     old_files = sorted(p.name for p in tmp_path.iterdir())
-    assert train_stage1(bb, other, tmp_path, cfg, stale="archive").resumed_from == 0
+    assert train_stage1(make_backbone(seed=5), other, tmp_path, cfg, stale="archive").resumed_from == 0
     (moved,) = tmp_path.parent.glob(f"{tmp_path.name}.stale-*")
     assert sorted(p.name for p in moved.iterdir()) == old_files

@@ -133,3 +133,40 @@ def test_global_qrels_mark_every_satisfying_pool_entry(small_world):
     es = load_eval(root, "toy_doc", "global", strict=True)
     assert all(q.relevance for q in es.queries)
     assert all(f"c-{q.item_id[2:]}" in q.relevance for q in es.queries)
+
+
+# the surface-marker audit ---------------------------------------------------------------------------------
+
+
+def test_best_rule_finds_a_planted_marker_and_nothing_in_noise():
+    import numpy as np
+
+    from mmemb_lab.world.audit import best_rule
+
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "star", "cell", "left", "top", "the", "of"]
+    texts = [" ".join(rng.choice(words, 6)) for _ in range(200)]
+    hard = [bool(h) for h in rng.random(200) < 0.6]
+    noise = best_rule(texts, hard)
+    assert noise.accuracy < noise.majority + 0.1  # no word carries the label
+    planted = [t + (" then" if h else "") for t, h in zip(texts, hard)]
+    r = best_rule(planted, hard)
+    assert r.accuracy == 1.0 and r.feature == "then" and r.predicts == "hard"
+    r = best_rule([t + (" x y" if not h else "") for t, h in zip(texts, hard)], hard)  # a bigram, marking easy
+    assert r.accuracy == 1.0 and r.predicts == "easy" and r.feature in ("x", "y", "x y")
+
+
+@pytest.mark.xfail(strict=True, reason="toy-world-v2 writes easy and hard queries from different templates: "
+                                        "one word tells them apart (README, 'What the demo shows')")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_query_text_does_not_tell_hard_from_easy_where_the_input_has_an_image(seed, tmp_path):
+    """The acceptance line of the honest world: on the demo's world, no single token or bigram of the query
+    text labels hard vs easy above 0.85 in any dataset whose queries carry an image or video (>= 4 such)."""
+    from mmemb_lab.world.audit import surface_markers
+    from mmemb_lab.world.build import WorldConfig, build_world
+
+    info = build_world(tmp_path / "w", WorldConfig(seed=seed, n_train=0, n_eval=100), progress=False)
+    rules = surface_markers(tmp_path / "w", info)
+    visual = {k: r for k, r in rules.items() if r.visual_queries}
+    assert len(visual) >= 4
+    assert {k: round(r.accuracy, 2) for k, r in visual.items() if r.accuracy > 0.85} == {}

@@ -1,7 +1,7 @@
 """Primitives of the toy world: grid scenes, short videos and glyph pages, and how they are drawn.
 
 Concept
-    The toy world (method.md, "The toy world") is a procedurally generated stand-in for MMEB-V2 with
+    The toy world (docs/method.md, "The toy world") is a procedurally generated stand-in for MMEB-V2 with
     ground truth. Its atoms are deliberately tiny so that a ~2.5M-parameter Qwen-VL learns to *see*
     them in minutes on a CPU:
 
@@ -15,8 +15,8 @@ Concept
 Intuition
     One 32x32 cell is exactly one merged image token of a Qwen3-VL backbone (patch 16, spatial merge
     2), so "what is at a cell" is a per-token lookup - the atomic skill every harder question chains
-    (../shared/notes/tiny-vlm-from-scratch.md: aligning the world with the patches is what lets a
-    tiny model learn to see).
+    (aligning the world with the patches is what let a tiny model learn to see: docs/research-log.md,
+    Prototypes).
 
 Used by: ``mmemb_lab.world.tasks`` (datasets), the stage-0 foundation (dense descriptions, per-token
 attribute labels) and notebook 01.

@@ -3,7 +3,7 @@
 Concept
     A hard item is a chain of atomic hops (``mmemb_lab.world.tasks``). A rationale only helps if each
     of its steps is reliable, and in a prototype the *first* step of a rationale was the weak link
-    (../shared/notes/tiny-vlm-from-scratch.md). So stage 0 trains every hop on its own, as single-step
+    (docs/research-log.md, Prototypes). So stage 0 trains every hop on its own, as single-step
     QA whose answer has exactly the shape of one rationale clause ("other red: centre red square."),
     plus dense descriptions of scenes, frames and pages that teach the model to see. One skill is
     multi-step: ``reason_chain`` (the gold chain of thought of a fresh hard item), weight 0 in the default
@@ -152,12 +152,11 @@ def reason_chain(rng, form: str = "plain") -> Skill:
     0 in the from-scratch schedule). Two forms (``FoundationConfig.reason_form``; the same item either way):
     - "plain": asked "step by step: <query>" without the task's instruction and outside a reasoning span,
       like an instruction-tuned model's CoT data; stage 1 still has to learn when and in which span to
-      write it (measured and not adopted, see ``FoundationConfig.reason_batch``);
+      write it (not adopted, see ``FoundationConfig.reason_batch``);
     - "span": asked exactly as stage 1 asks (instruction + query), answered inside the reasoning span
-      (kind "reason_span"; the span tags are added by the trainer). Why: the lookup a chain starts with
-      (find_shape, 1.00 as a question) is right only 0.15-0.23 of the time when the same clause is forced
-      inside the span after a chain query, on the v2 foundation without this phase; measured in
-      ``FoundationConfig.reason_form``).
+      (kind "reason_span"; the span tags are added by the trainer). Why: a lookup the model answers as a
+      question was not carried into the span (``FoundationConfig.reason_form``; docs/research-log.md,
+      Foundation: reason_form).
     Items come from the builders' own random stream, never from the train / eval splits."""
     if form not in ("plain", "span"):
         raise ValueError(f"unknown chain form {form!r} (plain or span)")

@@ -4,7 +4,7 @@ Concept
     Every dataset mixes **easy** items, which a direct embedding can solve (one atomic lookup: what is
     at a cell, which object is the star, what appears first, what a page says), and **hard** items whose
     answer needs a chain of 3-4 atomic hops. A 3-layer model composes about two hops in one forward
-    pass (../shared/notes/tiny-vlm-from-scratch.md), so a hard item is hard by *depth*, and a short
+    pass (docs/research-log.md, Prototypes), so a hard item is hard by *depth*, and a short
     rationale - one clause per hop - turns it back into lookups.
 
     Two kinds of chain, depending on which side holds the information:
@@ -89,10 +89,8 @@ def chain_scene(rng: np.random.Generator, n_links: int, anchor_unique: bool = Tr
     With ``decoy`` the scene also holds a second chain of the same form from another anchor (its own
     colours and shapes), and no other object. Without it, the chain's end is found by structure alone -
     "the object two links away from something, not sharing the anchor's colour" is a set-level feature one
-    forward pass computes: measured (seed-0 eval, ``runs/fw1`` trained on the world without decoys),
-    the direct embedding reached hard items of toy_cls at 0.96 / 0.84 (3 / 4 steps), gd 0.86 / 0.90,
-    qa 0.83 / 0.85 - while a decoy drops the same model to 0.11 / 0.16, 0.14 / 0.32, 0.20 / 0.18: only
-    following the links from the named anchor tells the two ends apart."""
+    forward pass computes; with a decoy only following the links from the named anchor tells the two ends
+    apart (docs/research-log.md, World: decoy chains)."""
     attrs = tuple("colour" if k % 2 == 0 else "shape" for k in range(n_links))
     n_chains = 2 if decoy else 1
     for _ in range(5000):
@@ -381,23 +379,10 @@ def make_video_ret(rng, idx, hard):
     """A hard query resolves the first object's colour and cell through chains; its item carries two near
     misses (``meta["distractors"]``: recoloured, moved) that join the global pool, so that the rest of
     the description - the shape and the second event, which identify a video among random ones - is not
-    enough. Measured without them (seed 0, ``runs/fw1``): hard queries were answered directly at 0.90 /
-    0.95 (4 / 5 steps), as often as easy ones (0.90). With them it is not much different (``make demo``,
-    seeds 0 / 1 / 2, 2026-11-27): the stage-0 model's direct Hit@1 is 81 / 81 / 89 on hard eval queries,
-    against 90 / 100 / 86 on easy ones, and selection's evaluator gives p(t+) > 0.5 to 91-94% of hard
-    training pairs. Each attribute is a chain of 1-2 hops, which one forward of the 3-layer model still
-    composes. So, for this model, these items do not need reasoning: selection keeps no rationale for them,
-    and the gate stays shut on them.
-
-    Deeper chains were measured and not adopted (2026-11-27; seed-0 eval pool, stage-0 model, this builder
-    patched, hard direct / hard with the gold rationale, Hit@1): 1-2 colour and 1-2 cell hops (about
-    today's) 81 / 67; 2-3 and 2-3 hops 42 / 48; 3-4 and 3-4 hops 0 / 28 (easy items 81-94 in the same
-    pools). Deeper chains do make these items need reasoning, but the model reads the resolved description
-    in the span poorly: the gold rationale lifts it to 28 at best, and on today's items it lowers the score
-    (also after stage 1: gold-rationale gain -17 for the stage-0 model, -20 for seed 0's stage-1 model).
-    Ending the rationale with the whole resolved query instead of "so a <colour> <shape> at <cell>." made it
-    worse (28 -> 9 at 3-4 hops). So a deeper world alone would give selection and the gate little to keep
-    here; the model's reading of text-side rationales is the limit (as for toy_t2i and toy_doc)."""
+    enough. Each attribute is a chain of 1-2 hops, which one forward of the 3-layer model still composes,
+    so for this model these items do not need reasoning: selection keeps no rationale for them and the
+    gate stays shut on them. Deeper chains were measured and not adopted: the model reads a resolved
+    description in the span poorly (docs/research-log.md, World: near-miss videos)."""
     video, _, _ = video_scene_chain(rng, False)
     ev1, ev2 = video.events
     d1, steps = described_object(rng, ev1.obj, ev1.dst, hard)
