@@ -1,6 +1,7 @@
 # mmemb-lab: one entry point for the CPU workbench.
 #   make demo   SEED=0 OUT=runs/demo   toy world -> stage-0 foundation -> selection -> stage 1 -> stage 2 -> eval
 #   make test                          every test, notebooks included, under the tiny preset
+#   make browser-test                  the notebooks in JupyterLab in headless Chromium (figures drawn offline)
 # The venv is built from requirements-cpu.txt, which pins torch==2.13.0 (CPU) next to everything that
 # depends on it, so pip never resolves a CUDA build. Never add torchvision to this venv.
 
@@ -14,7 +15,7 @@ MARKER := $(VENV)/.installed
 # Tests and the demo must never wait on the Hugging Face Hub (a stray lookup retries for ~50 s).
 OFFLINE := HF_HUB_OFFLINE=1
 
-.PHONY: venv demo test bench foundation lab clean
+.PHONY: venv demo test browser-test bench foundation lab clean
 
 venv: $(MARKER)
 
@@ -34,17 +35,22 @@ demo: $(MARKER)
 test: $(MARKER)
 	$(OFFLINE) $(VPY) -m pytest tests
 
+# Only the browser test: JupyterLab in headless Chromium (Debian's `chromium`), figures must draw offline;
+# screenshots under runs/browser/. Skips without chromium unless MMEMB_REQUIRE_BROWSER=1.
+browser-test: $(MARKER)
+	$(OFFLINE) $(VPY) -m pytest tests/test_browser.py
+
 bench: $(MARKER)
 	$(OFFLINE) $(VPY) -m mmemb_lab bench --out runs/bench
 
-# Trains the stage-0 foundation model into data/foundation from scratch (resumes from data/foundation.work):
-# 8600 steps (~2.3 h on 2 cores), then 3000 more with gold chains of thought written in the reasoning span
-# (~1.2 h; FoundationConfig.reason_form). Two 1-thread processes (gloo) use 2 cores better than one 2-thread
-# process; the same code runs on N GPUs under torchrun/accelerate. How the committed one was made: data/README.md.
-FOUNDATION := $(OFFLINE) OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 -m mmemb_lab foundation --out data/foundation
+# Trains the stage-0 foundation model into data/foundation from scratch, as one run (resumable from
+# data/foundation.work, whose manifest refuses a rerun with other settings): 11600 steps, the last 3000 also
+# writing gold chains of thought in the reasoning span (~3.5 h on 2 cores). Two 1-thread processes (gloo) use
+# 2 cores better than one 2-thread process; the same code runs on N GPUs under torchrun/accelerate. The
+# committed checkpoint was made in segments, not by this one run: data/README.md.
 foundation: $(MARKER)
-	$(FOUNDATION)
-	$(FOUNDATION) --steps 11600 --reason-batch 32 --reason-phase 8600
+	$(OFFLINE) OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 -m mmemb_lab foundation --out data/foundation \
+		--steps 11600 --reason-batch 32 --reason-phase 8600
 
 lab: $(MARKER)
 	$(VENV)/bin/jupyter lab notebooks/
