@@ -42,8 +42,8 @@ def counterfactual_throughput(backbone, n_items: int = 32) -> dict:
     batched design run at batch size 1 is reported too (what batching alone buys, without the sharing).
 
     Workload: ``n_items`` training pairs spread over the 8 datasets (the demo scores 192 per dataset); at 32
-    pairs, targets shared by pairs of a global-pool dataset are embedded once, as in the demo. Measured on
-    2 cores: 4.6x at 8 pairs (one per dataset, nothing shared across pairs), 5.5x at 32."""
+    pairs, targets shared by pairs of a global-pool dataset are embedded once, as in the demo (past results:
+    docs/research-log.md, Selection: batched counterfactual scoring)."""
     from .selection import pair_partners, score_candidate, score_pairs, toy_pairs
     from .workers import toy_rationales
 
@@ -100,10 +100,11 @@ print(json.dumps({"samples_per_s": batch / min(times[1:]), "peak_rss_mb": resour
 
 def gate_span_reuse(backbone, n: int = 16, max_new_tokens: int = 32, repeats: int = 3) -> dict:
     """An opened query, alone (batch size 1): the gate's prefill, then a fresh generation that prefills the
-    prompt again (the adaptive path before 2026-11-27), vs the span continued from the gate's own KV cache
+    prompt again (the earlier adaptive path), vs the span continued from the gate's own KV cache
     (``gate.gate_and_spans``). The two are timed back to back on each query, ``repeats`` times over ``n``
     mixed queries; medians (ms) and the median of the per-query ratios. ``same_spans`` checks both wrote
-    the same tokens. (Best-of-3 totals swung from 0.96x to 1.18x between runs here; paired medians did not.)"""
+    the same tokens. Paired medians, because best-of-3 totals swung between runs (docs/research-log.md,
+    Evaluation: paired medians)."""
     import numpy as np
 
     from .gate import gate_and_spans, gate_forward

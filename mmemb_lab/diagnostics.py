@@ -1,13 +1,13 @@
 """Stage-1 diagnostics: does the embedding depend on what a rationale *says*, and are the rationales right?
 
 Concept
-    *Rationale sensitivity* (the shortcut meter, method.md "problem 1"): mean 1 - cos between
+    *Rationale sensitivity* (the shortcut meter, docs/method.md, problem 1): mean 1 - cos between
     e(q + own rationale) and e(q + another query's rationale) on hard items. An embedder that learned
     only the *format* of reasoning barely moves when the content is swapped (peers measured cosine
     0.95-0.98, i.e. sensitivity 0.02-0.05).
 
     *Step accuracy*: the model's own rationale clause by clause against the world's gold steps (the
-    first step especially: it was the weak link of a prototype, ../shared/notes/tiny-vlm-from-scratch.md),
+    first step especially: it was the weak link of a prototype, docs/research-log.md, Prototypes),
     and *answer accuracy*: whether the last clause states the gold answer.
 
     *Slot probes* (:func:`slot_probe`): how much of what a retrieval task must match is linearly present in

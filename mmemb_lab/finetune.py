@@ -1,6 +1,6 @@
 """Contrastive fine-tuning on MMEB-train-schema data: the embedder's direct InfoNCE term on its own.
 
-Concept (method.md, step 3, last term; the VLM2Vec recipe in ../shared/notes/mmeb-v2.md)
+Concept (docs/method.md, step 3, last term; the VLM2Vec recipe in its MMEB-V2 section)
     InfoNCE(e(q), t+) with in-batch negatives, the row's hard negative when it has one, and - under
     ``accelerate launch`` / ``torchrun`` - the embeddings of every process gathered with gradients, so
     N processes of B/N rows see the same negatives as one process of B rows. Batches are drawn from

@@ -34,6 +34,8 @@ class RunConfig:
     """Stage 2 (GRPO) on the stage-1 model, then the adaptive gate (rl.steps=0 in ``run`` skips it)."""
     run_stage2: bool = True
     """Run stage 2 after stage 1."""
+    baselines: bool = True
+    """Also train the two baselines for their own mode (no rationales; a rationale on every pair)."""
     parallel_arms: bool = True
     """Train the ablation arm in a second process at the same time (one thread each)."""
     description_items: int = 100
@@ -47,9 +49,8 @@ class RunConfig:
 
 def tiny(seed: int = 0) -> RunConfig:
     """CPU preset: 8 toy datasets x 100 eval queries, 256 training rows each, 100 fine-tuning steps,
-    192 selected pairs per dataset, 160 stage-1 steps (measured: 120 steps cost the direct path 2-4 points
-    more on seeds 0-1). A fresh clone runs the demo in 9 min 02 s, venv creation included (seed 1, 2 cores,
-    with stage-1 length buckets; 486 s of demo with the venv in place, seed 0)."""
+    192 selected pairs per dataset, 160 stage-1 steps (fewer cost the direct path more), a demo of minutes
+    on 2 cores (docs/research-log.md, Stage 1: steps in the tiny preset; Evaluation: run time)."""
     return RunConfig("tiny", WorldConfig(seed=seed, n_train=256, n_eval=100),
                      FinetuneConfig(loop=LoopConfig(steps=100, lr=2e-4, warmup=10, ckpt_every=25, seed=seed)),
                      SelectionConfig(n_per_dataset=192),  # 64: stage 1 memorised 512 pairs (direct hard -14)

@@ -1,6 +1,6 @@
 """Reasoning as a latent variable: p(t | q) = sum_r p(r | q) p(t | q, r), with r = "no reasoning" one value.
 
-Concept (method.md, step 1)
+Concept (docs/method.md, step 1)
     A query does not come with "its" rationale. Treat the rationale r as a latent variable with a prior
     p(r | q) - here: the candidates the workers wrote for q plus "no reasoning", uniform unless told
     otherwise - and a likelihood p(t | q, r) - the evaluator's InfoNCE softmax over the candidate

@@ -1,7 +1,7 @@
 """Paper scale: the ``paper`` preset for Qwen3-VL-4B and a per-GPU memory estimate.
 
 Two sources, kept apart and marked:
-- **reference recipe** (VLM2Vec-V2, ../shared/notes/mmeb-v2.md): InfoNCE at temperature 0.02, L2-normalised
+- **reference recipe** (VLM2Vec-V2, docs/method.md, MMEB-V2 section): InfoNCE at temperature 0.02, L2-normalised
   last-token pooling, global batch 1024 over 8 GPUs with cross-GPU gathering, GradCache chunking, LoRA
   r=16, lr 5e-5, 5000 steps, bf16, flash-attention 2;
 - **ours** (reconstructed MMEmb-R1 defaults; the paper's exact values are not public): lambda_gen = 1,
@@ -12,7 +12,9 @@ their fp32 gradients and Adam moments, and per-sequence activations of the chunk
 (GradCache makes the contrastive batch irrelevant to activation memory). Stated assumptions are in
 ``memory_estimate``'s return value; measure on the target GPU before trusting it.
 
-Used by: ``make bench`` (``paper_memory_estimate_gb``), ``mmemb-lab train --preset paper`` docs.
+Used by: ``make bench`` (``paper_memory_estimate_gb``). No command selects this preset: ``mmemb-lab demo
+--preset`` takes ``tiny`` or ``smoke`` (``presets.PRESETS``), and ``mmemb-lab train`` takes its settings
+as flags (``--steps``, ``--lr``, ``--batch-size``, ``--lora``, ``--backbone``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The simulated prior: several "workers" write candidate rationales r_1..r_K for each query.
 
-Concept (method.md, step 1; paper: "simulated prior")
+Concept (docs/method.md, step 1; paper: "simulated prior")
     Reasoning is a latent variable r, and p(r | q) is not known. MMEmb-R1 approximates it by sampling
     rationales from several different generators (an instruct MLLM, a thinking MLLM, a large
     proprietary model). Which of them help a given (query, target) pair is decided later, pair by pair,
