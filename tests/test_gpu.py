@@ -72,14 +72,13 @@ def _padded_batch():
     return sorted(qs, key=length_key)[:32]
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: CUDA memory-efficient SDPA, left-padded batch (found 2026-11-27)")
 def test_a_left_padded_batch_embeds_on_gpu_as_on_cpu():
     """Found running ``mmemb_lab demo`` on an H200 (torch 2.11+cu130, fp32): toy_video_ret's easy queries
     scored Hit@1 0 on the GPU against 90 on the CPU, everything else equal. Their length-sorted batch (this
     one) embeds up to 0.44 away from the CPU under transformers' SDPA; the same batch one input at a time, or
     in the gate's input-order batches, agrees to 1e-7. Forcing SDPBackend.MATH agreed to 1e-7; forcing
     EFFICIENT_ATTENTION reproduced the 0.44; letting fully masked (padding) rows attend to every key did not
-    fix it (0.31). Strict: when this passes, the bug is gone (or fixed) and the marker must go."""
+    fix it (0.31). It no longer reproduced on 2026-12-04 (README, GPU section): kept as a regression test."""
     from mmemb_lab.embed import embed
 
     cpu, gpu = _pair()

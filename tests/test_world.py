@@ -156,8 +156,6 @@ def test_best_rule_finds_a_planted_marker_and_nothing_in_noise():
     assert r.accuracy == 1.0 and r.predicts == "easy" and r.feature in ("x", "y", "x y")
 
 
-@pytest.mark.xfail(strict=True, reason="toy-world-v2 writes easy and hard queries from different templates: "
-                                        "one word tells them apart (README, 'What the demo shows')")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_query_text_does_not_tell_hard_from_easy_where_the_input_has_an_image(seed, tmp_path):
     """The acceptance line of the honest world: on the demo's world, no single token or bigram of the query

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..data import to_pil
 from .scenes import Obj, Page, Scene, Video, random_page, random_video
-from .tasks import DATASETS, Item, item_rng, make_item, relevant
+from .tasks import DATASETS, HARD_FRACTION, Item, item_rng, make_item, relevant
 
 log = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<|image_1|>"
@@ -44,7 +44,7 @@ class WorldConfig:
     """Training pairs per dataset (MMEB-train schema)."""
     n_eval: int = 100
     """Evaluation queries per dataset (global tasks: also the pool size)."""
-    hard_fraction: float = 0.65
+    hard_fraction: float = HARD_FRACTION
     """Share of hard (multi-hop) items; the world is meant to hold roughly 60-75% hard items."""
 
     def __post_init__(self):
@@ -52,7 +52,7 @@ class WorldConfig:
             raise ValueError(f"invalid world config: {self}")
 
 
-WORLD_VERSION = "toy-world-v2"
+WORLD_VERSION = "toy-world-v3"
 """Bumped whenever items change for the same config (v2: decoy chains, near-miss videos in the pool)."""
 
 

@@ -1,23 +1,25 @@
-"""The toy world's tasks: MMEB-V2-shaped datasets whose items are easy (one lookup) or hard (a chain).
+"""The toy world's tasks: MMEB-V2-shaped datasets whose items are easy (direct suffices) or hard (a chain).
 
 Concept
-    Every dataset mixes **easy** items, which a direct embedding can solve (one atomic lookup: what is
-    at a cell, which object is the star, what appears first, what a page says), and **hard** items whose
-    answer needs a chain of 3-4 atomic hops. A 3-layer model composes about two hops in one forward
-    pass (docs/research-log.md, Prototypes), so a hard item is hard by *depth*, and a short
-    rationale - one clause per hop - turns it back into lookups.
+    Every dataset mixes **easy** items, which a direct embedding can solve, and **hard** items whose
+    answer needs following a chain of atomic hops that one forward pass of a small model does not compose
+    (docs/research-log.md, Prototypes); a short rationale - one clause per hop - turns it back into
+    lookups.
 
     Two kinds of chain, depending on which side holds the information:
     - **visual chains** (the query has an image or video): start at an anchor object, then "go to the
-      other object of its colour", "... of that one's shape", ... Each hop is a lookup whose key depends
-      on what the previous hop read, so no fixed offset shortcuts it. The scene also holds a *decoy*: a
-      second chain of the same form from another anchor, so the end cannot be picked by structure
-      ("toy-world-v2"; see ``chain_scene`` for what v1 let a direct embedding do without it).
+      other object of its colour", "... of that one's shape", ... Easy and hard items are asked in the
+      *same words* (2-3 links); what makes an item hard is in the image: a hard scene also holds a
+      *decoy*, a second chain of the same form from another anchor, so the end cannot be picked by
+      structure and only following the links from the named anchor tells the two ends apart; an easy
+      scene holds one chain, whose end a direct embedding finds by structure ("toy-world-v3": in v2 easy
+      items were single lookups written from other templates, so one word of the query told hard from
+      easy; ``mmemb_lab.world.audit`` measures that).
     - **text chains** (the query is text: text-to-image, video retrieval, visual documents): an attribute
       is given by composition - "the colour after the colour after red", "the cell below the cell right
       of top-left", "the letter after B", "3 plus 4 minus 2" - and a rationale resolves it. A hard video
       query brings two near misses into the pool (``make_video_ret``), which only the resolved chain
-      rules out.
+      rules out. Here the text is the whole input, so its wording does show the depth.
 
     For analysis only, every item stores ``needs_reasoning``, its gold reasoning steps and hop count;
     the model never sees them.
@@ -40,6 +42,8 @@ from .scenes import (
 
 Visual = Union[Scene, Video, Page, Obj, None]
 N_LOCAL_CANDIDATES = 24  # local tasks rank 24 candidates: chance = 1/24 = 4.2%
+HARD_FRACTION = 0.65
+"""Share of hard items in every dataset and in the stage-0 stream: the world's one default mix."""
 
 
 @dataclass(frozen=True)
@@ -130,17 +134,11 @@ def chain_phrase(attrs: tuple[str, ...]) -> str:
 
 
 def image_query(rng: np.random.Generator, hard: bool) -> tuple[Scene, str, int, tuple[str, ...]]:
-    """(scene, referring expression, referred position, gold steps) for image-query tasks."""
-    if hard:
-        scene, path, attrs = chain_scene(rng, int(rng.integers(2, 4)), decoy=True)
-        shape = scene.cells[path[0]].shape
-        return scene, f"from the {shape} {chain_phrase(attrs)}", path[-1], chain_steps(scene, path, attrs, shape)
-    scene, path, _ = chain_scene(rng, 0)
-    if rng.random() < 0.5:
-        pos = int(rng.choice([i for i, _ in scene.objects()]))
-        return scene, f"the object at {POSITIONS[pos]}", pos, (f"{POSITIONS[pos]}: {obj_at(scene, pos)}.",)
+    """(scene, referring expression, referred position, gold steps) for image-query tasks: the same
+    wording for easy and hard items; only a hard scene holds a decoy chain."""
+    scene, path, attrs = chain_scene(rng, int(rng.integers(2, 4)), decoy=hard)
     shape = scene.cells[path[0]].shape
-    return scene, f"the {shape}", path[0], (f"{shape}: {obj_at(scene, path[0])}.",)
+    return scene, f"from the {shape} {chain_phrase(attrs)}", path[-1], chain_steps(scene, path, attrs, shape)
 
 
 def _distinct_texts(rng, positive: str, hard_negs: list[str], sample: Callable[[], str], n: int) -> tuple[list[str], int]:
@@ -198,26 +196,15 @@ def scene_caption(scene: Scene) -> str:
 
 
 def make_i2t(rng, idx, hard):
-    if hard:
-        scene, expr, pos, steps = image_query(rng, True)
-        o = scene.cells[pos]
-        pos_text = f"{o.name} at {POSITIONS[pos]}."
-        negs = [f"{x.name} at {POSITIONS[i]}." for i, x in scene.objects()]
-        sample = lambda: f"{random_obj(rng).name} at {POSITIONS[rng.integers(9)]}."  # noqa: E731
-        text = f"find a caption of the object reached {expr}."
-    else:
-        scene = random_scene(rng, 2, 4)
-        pos_text, steps, text = scene_caption(scene), (), "find a caption of the whole image."
-        negs = []
-        for _ in range(6):  # near misses: one object changed
-            cells = list(scene.cells)
-            i = int(rng.choice([i for i, _ in scene.objects()]))
-            cells[i] = random_obj(rng)
-            negs.append(scene_caption(Scene(tuple(cells))))
-        sample = lambda: scene_caption(random_scene(rng, 2, 4))  # noqa: E731
+    scene, expr, pos, steps = image_query(rng, hard)
+    o = scene.cells[pos]
+    pos_text = f"{o.name} at {POSITIONS[pos]}."
+    negs = [f"{x.name} at {POSITIONS[i]}." for i, x in scene.objects()]
+    sample = lambda: f"{random_obj(rng).name} at {POSITIONS[rng.integers(9)]}."  # noqa: E731
     texts, label = _distinct_texts(rng, pos_text, negs, sample, N_LOCAL_CANDIDATES)
-    return Item("toy_i2t", f"i2t-{idx}", "Find an image caption describing the given everyday image:", text,
-                scene, tuple((t, None) for t in texts), (label,), hard, steps, pos_text)
+    return Item("toy_i2t", f"i2t-{idx}", "Find an image caption describing the given everyday image:",
+                f"find a caption of the object reached {expr}.", scene, tuple((t, None) for t in texts), (label,),
+                hard, steps, pos_text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,15 +285,11 @@ def make_t2i(rng, idx, hard):
 def video_scene_chain(rng, hard: bool) -> tuple[Video, list[int], tuple[str, ...]]:
     """A 3-frame video: an anchor object appears, then another object appears, moves or leaves.
 
-    Built backwards from the final frame, which for hard items holds a chain starting at the anchor
-    (the anchor need not have a unique shape: the event identifies it).
+    Built backwards from the final frame, which holds a chain starting at the anchor (the anchor need
+    not have a unique shape: the event identifies it) and, for hard items, a decoy chain.
     """
     for _ in range(200):
-        if hard:
-            final, path, attrs = chain_scene(rng, int(rng.integers(2, 4)), anchor_unique=False, decoy=True)
-        else:
-            final, attrs = random_scene(rng, 3, 6), ()
-            path = [int(rng.choice([i for i, _ in final.objects()]))]
+        final, path, attrs = chain_scene(rng, int(rng.integers(2, 4)), anchor_unique=False, decoy=hard)
         others = [i for i, _ in final.objects() if i not in path]
         empty = [i for i in range(9) if final.cells[i] is None]
         kinds = [k for k, ok in (("appears", bool(others)), ("moves", bool(others) and bool(empty)),
@@ -331,7 +314,7 @@ def video_scene_chain(rng, hard: bool) -> tuple[Video, list[int], tuple[str, ...
         first[path[0]] = None
         ev1 = Event("appears", final.cells[path[0]], None, path[0])
         video = Video((Scene(tuple(first)), Scene(tuple(mid)), final), (ev1, ev2))
-        if not hard or follow_chain(final, path[0], attrs) == path:
+        if follow_chain(final, path[0], attrs) == path:
             return video, path, attrs
     raise RuntimeError("could not build a video")  # pragma: no cover
 
@@ -340,11 +323,8 @@ def make_video_qa(rng, idx, hard):
     video, path, attrs = video_scene_chain(rng, hard)
     final = video.frames[-1]
     first = f"appears: {obj_at(final, path[0])}."
-    if hard:
-        steps = (first,) + chain_steps(final, path, attrs, "x")[1:]
-        text = f"start at the object that appears first, then {chain_phrase(attrs)}. which object is it?"
-    else:
-        steps, text = (first,), "which object appears first?"
+    steps = (first,) + chain_steps(final, path, attrs, "x")[1:]
+    text = f"start at the object that appears first, then {chain_phrase(attrs)}. which object is it?"
     pos_text = obj_at(final, path[-1])
     negs = [obj_at(final, i) for i, _ in final.objects()]
     texts, label = _distinct_texts(rng, pos_text, negs, lambda: _rand_obj_at(rng), N_LOCAL_CANDIDATES)
