@@ -225,6 +225,12 @@ def format_summary(summary: dict) -> str:
                      f"no reasoning on {sel['no_reasoning_rate_easy']:.2f} of easy / "
                      f"{sel['no_reasoning_rate_hard']:.2f} of hard pairs; "
                      f"the gold rationale adds {sel['gold_rationale_gain_hard']:+.1f} on hard items")
+        if "recall_on_opportunity" in sel:
+            share = sel["selected_share_by_worker"]
+            lines.append(f"  recall on opportunity {_num(sel['recall_on_opportunity'], '.2f')}; selections from "
+                         f"format_only {share.get('format_only', 0):.3f}, hallucinating "
+                         f"{share.get('hallucinating', 0):.3f}; worker step accuracy: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in sel["worker_step_accuracy"].items()))
         per = sel.get("no_reasoning_rate_hard_per_dataset")
         if per:
             lines.append("  no reasoning on hard pairs, per dataset: "

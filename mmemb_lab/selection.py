@@ -45,10 +45,10 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .contrastive import log_prob_positive
+from .contrastive import TEMPERATURE, log_prob_positive
 from .data import candidate_key, item_candidates, item_query
 from .embed import Input, embed
-from .workers import Rationale, states_gold_facts
+from .workers import Rationale, states_gold_facts, step_accuracy
 from .world.tasks import Item
 
 TAU = math.log(2)
@@ -85,6 +85,8 @@ class GainTable:
     cos_swap: np.ndarray
     swap_partner: np.ndarray
     """(n,) index of the pair whose rationales served as the swap."""
+    step_accuracy: np.ndarray | None = None
+    """(n, K) share of the gold facts each rationale states (ground truth, for scoring the workers only)."""
 
     @property
     def gain_removal(self) -> np.ndarray:
@@ -170,7 +172,7 @@ def toy_pairs(items: Sequence[Item], rationales: Sequence[list[Rationale]], pool
 
 
 def score_pairs(evaluator: Backbone | Callable[[list[Input]], torch.Tensor], pairs: Sequence[Pair],
-                temperature: float = 0.05, batch_size: int = 64, progress: bool = False) -> GainTable:
+                temperature: float = TEMPERATURE, batch_size: int = 64, progress: bool = False) -> GainTable:
     """Embed every distinct target once and every query variant in batches; score C under each intervention.
 
     ``evaluator``: a backbone (its direct embedder is used) or any function from inputs to unit vectors.
@@ -231,14 +233,16 @@ def score_pairs(evaluator: Backbone | Callable[[list[Input]], torch.Tensor], pai
     valid = np.array([[r.status == "ok" for r in p.rationales] for p in pairs])
     correct = np.array([[r.status == "ok" and states_gold_facts(r.text, p.item) for r in p.rationales]
                         for p in pairs])
+    step_acc = np.array([[step_accuracy(r.text, p.item) if r.status == "ok" else 0.0 for r in p.rationales]
+                         for p in pairs])
     return GainTable([p.item.item_id for p in pairs], datasets,
                      np.array([bool(p.item.needs_reasoning) for p in pairs]), workers,
                      [[r.text for r in p.rationales] for p in pairs], valid, correct,
-                     lpd, lpw, lps, csd, csw, css, partner)
+                     lpd, lpw, lps, csd, csw, css, partner, step_acc)
 
 
 def score_candidate(evaluator: Backbone, pair: Pair, rationale: str, swap: str | None,
-                    temperature: float = 0.05) -> tuple[float, float | None]:
+                    temperature: float = TEMPERATURE) -> tuple[float, float | None]:
     """(removal gain, swap gain) of ONE candidate, computed on its own: the reference that
     :func:`score_pairs` batches. Embeds the direct query, the query with ``rationale``, the query with
     ``swap`` (a rationale written for another query) and the pair's targets in one call of its own,
@@ -310,6 +314,26 @@ class Selection:
     def rationale(self, i: int) -> str | None:
         return None if self.choice[i] < 0 else self.table.texts[i][self.choice[i]]
 
+    def recall_on_opportunity(self) -> float:
+        """Among hard pairs with an opportunity - some candidate states every gold fact AND that correct
+        candidate clears tau under this selection's counterfactual - the share that received a correct
+        rationale. (The issue's definition asks for the gold rationale's own gain; a correct candidate
+        states the gold facts, so its gain stands in for it.)"""
+        t = self.table
+        passing = t.correct & (np.nan_to_num(t.gains(self.variant), nan=-np.inf) >= self.tau)
+        opp = t.needs_reasoning & passing.any(axis=1)
+        if not opp.any():
+            return float("nan")
+        got = np.array([c >= 0 and t.correct[i, c] for i, c in enumerate(self.choice)])
+        return float(np.mean(got[opp]))
+
+    def worker_step_accuracy(self) -> dict[str, float]:
+        """Mean share of gold facts stated, per worker, over every pair (unusable outputs count 0)."""
+        t = self.table
+        if t.step_accuracy is None:
+            return {}
+        return {w: float(np.mean(t.step_accuracy[:, j])) for j, w in enumerate(t.workers)}
+
 
 def worker_prior(table: GainTable, iters: int = 200, pseudocount: float = 1.0) -> np.ndarray:
     """The prior p(r | q) of the latent-variable view over r in {none, worker_1 .. worker_K}, fitted to the
@@ -370,6 +394,7 @@ def selection_summary(sel: Selection, baselines: dict[str, Selection]) -> dict:
     fitted = {} if sel.prior is None else {"worker_prior": dict(zip(["none", *sel.table.workers], map(float, sel.prior)))}
     return {"variant": sel.variant, "tau": sel.tau, "n_pairs": int(len(sel.choice)), **fitted,
             "precision": sel.precision(), "selected_share_by_worker": sel.share_by_worker(),
+            "recall_on_opportunity": sel.recall_on_opportunity(), "worker_step_accuracy": sel.worker_step_accuracy(),
             "no_reasoning_rate_easy": sel.no_reasoning_rate(False),
             "no_reasoning_rate_hard": sel.no_reasoning_rate(True),
             "no_reasoning_rate_hard_per_dataset": sel.no_reasoning_rate_per_dataset(True),
@@ -459,8 +484,8 @@ class SelectionConfig:
     """Rank the passing candidates by log p(r) + C with the EM-fitted worker prior (``worker_prior``);
     False: a uniform prior (the highest confidence). The uniform ranking is reported as
     ``baselines.uniform_prior`` either way."""
-    temperature: float = 0.05
-    """Evaluator InfoNCE temperature for the pair-aware confidence."""
+    temperature: float = TEMPERATURE
+    """Evaluator InfoNCE temperature for the pair-aware confidence (``contrastive.TEMPERATURE``)."""
     own_worker: bool = True
     """Add the stage-0 model's own sampled rationales as a worker ("own")."""
     own_max_new_tokens: int = 48

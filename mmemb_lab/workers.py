@@ -9,12 +9,19 @@ Concept (docs/method.md, step 1; paper: "simulated prior")
     In the toy world the workers have *known* behaviours, so the selection can be scored against the truth:
 
     ============== ==================================================================================
-    concise        the gold steps, one clause per hop (correct, short)
-    verbose        the gold steps interleaved with true but irrelevant detail (correct, ~3x longer)
+    concise        one clause per hop, short; on multi-hop items it goes astray at one hop (that hop's
+                   fact and the end are wrong) with probability ``CONCISE_WRONG_HOP`` and leaves out an
+                   intermediate hop with probability ``CONCISE_SKIP_HOP``
+    verbose        every hop interleaved with true but irrelevant detail (~3x longer); goes astray at one
+                   hop with probability ``VERBOSE_WRONG_HOP``
     format_only    reasoning-shaped text with nothing specific to the pair (same text for every query)
-    hallucinating  confident, well-formed steps whose answer is wrong
+    hallucinating  confident, well-formed steps whose last fact is wrong
     own            the stage-0 model's own samples (``HFWorker`` on the foundation checkpoint)
     ============== ==================================================================================
+
+    No simulated worker is an answer key: each one's error model is drawn per item from the item's own
+    random stream, and ``step_accuracy`` measures how many gold facts a rationale states (reported per
+    worker as ``selection.worker_step_accuracy``).
 
     For real data an ``HFWorker`` wraps any Hugging Face VLM checkpoint (local path or Hub id) with a
     prompt template and sampling settings, and generates in batches. ``generate_candidates`` runs a
@@ -68,19 +75,61 @@ def _steps(item: Item) -> list[str]:
     return list(item.gold_steps) if item.gold_steps else [f"so {item.answer.rstrip('.')}."]
 
 
+CONCISE_WRONG_HOP = 0.2
+"""Share of multi-hop items on which the concise worker goes astray at one hop (ours: an error rate in the
+range of a small instruct model's on 2-3 hop visual chains; a simulation parameter, not a measurement)."""
+CONCISE_SKIP_HOP = 0.1
+"""Share of multi-hop items (3+ steps) on which the concise worker leaves out an intermediate hop."""
+VERBOSE_WRONG_HOP = 0.1
+"""Share of multi-hop items on which the verbose worker goes astray at one hop."""
+
+
+def _corrupt(step: str, rng: np.random.Generator) -> str | None:
+    """``step`` with its last colour / shape / digit / letter replaced by another one; None if it has none."""
+    from .world.scenes import COLOURS, SHAPES
+
+    words = step.rstrip(".").split(" ")
+    for i in range(len(words) - 1, -1, -1):
+        for vocab in (COLOURS, SHAPES, tuple("0123456789"), tuple("ABCDEFGH")):
+            if words[i] in vocab:
+                k = vocab.index(words[i])
+                words[i] = vocab[(k + 1 + int(rng.integers(len(vocab) - 1))) % len(vocab)]
+                return " ".join(words) + "."
+    return None
+
+
+def _astray(steps: list[str], rng: np.random.Generator) -> list[str]:
+    """A chain that goes wrong at one hop k >= 1: step k states a wrong fact, and so does the last step."""
+    k = int(rng.integers(1, len(steps)))
+    out = list(steps)
+    for j in {k, len(steps) - 1}:
+        out[j] = _corrupt(out[j], rng) or out[j]
+    return out
+
+
+def _fallible(item: Item, rng: np.random.Generator, wrong: float, skip: float) -> list[str]:
+    steps = _steps(item)
+    u = rng.random()  # drawn for every item, so one item's error does not shift another's stream
+    if len(steps) >= 2 and u < wrong:
+        return _astray(steps, rng)
+    if len(steps) >= 3 and u < wrong + skip:
+        del steps[int(rng.integers(1, len(steps) - 1))]
+    return steps
+
+
 def concise(item: Item, rng: np.random.Generator) -> str:
-    return " ".join(_steps(item))
+    return " ".join(_fallible(item, rng, CONCISE_WRONG_HOP, CONCISE_SKIP_HOP))
 
 
 def verbose(item: Item, rng: np.random.Generator) -> str:
-    """Every gold step, each followed by a true but irrelevant remark."""
+    """Every hop, each followed by a true but irrelevant remark; astray at one hop on a share of items."""
     filler = ["let me check this carefully.", "this part matters.", "i read it once more."]
     detail = []
     scene = getattr(item.query_visual, "cells", None)
     if scene is not None:
         detail = [f"note {POSITIONS[i]} {'empty' if o is None else o.name}." for i, o in enumerate(scene)]
     out = ["let me reason step by step."]
-    for s in _steps(item):
+    for s in _fallible(item, rng, VERBOSE_WRONG_HOP, 0.0):
         out.append(s)
         pool = detail or filler
         out.append(pool[int(rng.integers(len(pool)))])
@@ -97,18 +146,8 @@ def format_only(item: Item, rng: np.random.Generator) -> str:
 
 def hallucinating(item: Item, rng: np.random.Generator) -> str:
     """The gold steps with the final fact replaced by a confident wrong one."""
-    from .world.scenes import COLOURS, SHAPES
-
     steps = _steps(item)
-    last = steps[-1]
-    words = last.rstrip(".").split(" ")
-    for i in range(len(words) - 1, -1, -1):  # swap the last colour / shape / digit / letter mentioned
-        w = words[i]
-        for vocab in (COLOURS, SHAPES, tuple("0123456789"), tuple("ABCDEFGH")):
-            if w in vocab:
-                words[i] = vocab[(vocab.index(w) + 1 + int(rng.integers(len(vocab) - 1))) % len(vocab)]
-                return " ".join(steps[:-1] + [" ".join(words) + "."])
-    return " ".join(steps[:-1] + ["so the answer is unclear."])
+    return " ".join(steps[:-1] + [_corrupt(steps[-1], rng) or "so the answer is unclear."])
 
 
 TOY_WORKER_FNS: dict[str, Callable[[Item, np.random.Generator], str]] = {
@@ -130,6 +169,12 @@ def toy_rationales(item: Item, seed: int = 0, workers: Sequence[str] = TOY_WORKE
 def states_gold_facts(text: str, item: Item) -> bool:
     """Does a rationale state every gold fact (each gold step's clause, or the answer for 1-hop text items)?"""
     return all(s.rstrip(".") in text for s in _steps(item))
+
+
+def step_accuracy(text: str, item: Item) -> float:
+    """Share of the item's gold facts that a rationale states (1.0 exactly when ``states_gold_facts``)."""
+    steps = _steps(item)
+    return sum(s.rstrip(".") in text for s in steps) / len(steps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -220,3 +220,21 @@ def test_no_reasoning_per_dataset_and_the_headroom_figure_show_the_tables_number
     assert bars["gate opens (eval)"] == {"toy_qa": 0.9, "toy_doc": 0.0}
     assert bars["solved directly (no rationale can gain tau)"] == {"toy_qa": 0.5, "toy_doc": pytest.approx(1 / 3)}
     assert "gate opens (eval)" not in {tr.name for tr in reasoning_headroom({"per_dataset_easy": {}}, sel).data}
+
+
+def test_recall_on_opportunity_counts_only_hard_pairs_where_a_correct_candidate_clears_tau():
+    from mmemb_lab.selection import Selection, worker_prior
+
+    t = _tied_table()   # 40 hard pairs; the correct worker's removal gain is 2.9 on every one
+    uniform, fitted = select(t, "both"), select(t, "both", prior=worker_prior(t))
+    assert uniform.recall_on_opportunity() == 10 / 40   # noise hands the 30 ties to the wrong worker
+    assert fitted.recall_on_opportunity() == 1.0
+    none = Selection("both", TAU, np.full(40, -1), t)
+    assert none.recall_on_opportunity() == 0.0          # opportunities missed count against it
+    no_opp = dataclasses.replace(t, correct=np.zeros((40, 2), bool))
+    assert np.isnan(select(no_opp, "both").recall_on_opportunity())
+    easy = dataclasses.replace(t, needs_reasoning=np.zeros(40, bool))
+    assert np.isnan(select(easy, "both").recall_on_opportunity())
+    step = dataclasses.replace(t, step_accuracy=np.tile([1.0, 0.5], (40, 1)))
+    assert step.step_accuracy is not None and select(step, "both").worker_step_accuracy() == {"concise": 1.0,
+                                                                                          "hallucinating": 0.5}
