@@ -2,6 +2,7 @@
 #   make demo   SEED=0 OUT=runs/demo   toy world -> stage-0 foundation -> selection -> stage 1 -> stage 2 -> eval
 #   make test                          every test, notebooks included, under the tiny preset
 #   make browser-test                  the notebooks in JupyterLab in headless Chromium (figures drawn offline)
+#   make figures RUN=runs/demo         the method's figures from a finished demo run, for print (figures/<run>/)
 # The venv is built from requirements-cpu.txt, which pins torch==2.13.0 (CPU) next to everything that
 # depends on it, so pip never resolves a CUDA build. Never add torchvision to this venv.
 
@@ -15,7 +16,7 @@ MARKER := $(VENV)/.installed
 # Tests and the demo must never wait on the Hugging Face Hub (a stray lookup retries for ~50 s).
 OFFLINE := HF_HUB_OFFLINE=1
 
-.PHONY: venv demo test browser-test bench foundation lab clean
+.PHONY: venv demo test browser-test figures bench foundation lab clean
 
 venv: $(MARKER)
 
@@ -39,6 +40,11 @@ test: $(MARKER)
 # screenshots under runs/browser/. Skips without chromium unless MMEMB_REQUIRE_BROWSER=1.
 browser-test: $(MARKER)
 	$(OFFLINE) $(VPY) -m pytest tests/test_browser.py
+
+# The method's figures from a finished demo run, for print: figures/<run name>/*.html and *.png (3x).
+RUN ?= runs/demo
+figures: $(MARKER)
+	$(OFFLINE) $(VPY) -m mmemb_lab figures $(RUN)
 
 bench: $(MARKER)
 	$(OFFLINE) $(VPY) -m mmemb_lab bench --out runs/bench

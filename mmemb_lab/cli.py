@@ -48,7 +48,8 @@ def check_writable(folder) -> None:
 def _world(a) -> None:
     from .world.build import WorldConfig, build_world
 
-    cfg = WorldConfig(seed=a.seed, n_train=a.n_train, n_eval=a.n_eval, hard_fraction=a.hard_fraction)
+    mix = {} if a.hard_fraction is None else {"hard_fraction": a.hard_fraction}
+    cfg = WorldConfig(seed=a.seed, n_train=a.n_train, n_eval=a.n_eval, **mix)
     check_writable(Path(a.out).parent)
     info = build_world(a.out, cfg, overwrite=a.overwrite)
     print(json.dumps({k: {"n_eval": d["n_eval"], "hard_fraction": d["hard_fraction"]}
@@ -166,6 +167,20 @@ def _demo(a) -> None:
     print(f"wrote {Path(a.out) / 'summary.json'} and {Path(a.out) / 'figures'} in {s['wall_s']:.0f} s")
 
 
+def _figures(a) -> None:
+    from .figures import paper_figures, save_figures
+    from .paths import figures_dir
+
+    run = Path(a.run)
+    out = Path(a.out) if a.out else figures_dir() / run.resolve().name
+    try:
+        figs = paper_figures(run)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    paths = save_figures(figs, out, run=run.resolve().name, png=not a.no_png, png_scale=3.0)
+    print(f"wrote {len(paths)} figure(s) from {run} to {out}: {', '.join(sorted(paths))}")
+
+
 def _bench(a) -> None:
     from .bench import run_bench
 
@@ -263,7 +278,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--n-train", type=_positive(int, zero=True), default=256, help="training rows per dataset")
     s.add_argument("--n-eval", type=_positive(int), default=100, help="evaluation queries per dataset")
-    s.add_argument("--hard-fraction", type=float, default=0.65)
+    s.add_argument("--hard-fraction", type=float, default=None, help="share of hard items (default: the world's)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a world made with other settings; the old folder is moved aside, never deleted")
     s.set_defaults(fn=_world)
@@ -308,6 +323,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--preset", default="tiny", choices=["tiny", "smoke"])
     s.set_defaults(fn=_demo)
+
+    s = sub.add_parser("figures", help="the method's figures from a demo run folder, for print (what `make figures` runs)")
+    s.add_argument("run", help="a finished demo run folder (holds summary.json)")
+    s.add_argument("--out", default=None, help="folder for the figures (default: figures/<run folder name>)")
+    s.add_argument("--no-png", action="store_true", help="HTML only (no browser needed)")
+    s.set_defaults(fn=_figures)
 
     s = sub.add_parser("bench", help="speed benchmarks, JSON (what `make bench` runs)")
     s.add_argument("--out", default="runs/bench")

@@ -28,7 +28,7 @@ def easy_hard_by_dataset(eval_summary: dict, title: str = "Direct embedding: eas
     """Grouped bars per dataset: score on easy items vs hard items (where a direct embedder fails)."""
     names = list(eval_summary["per_dataset"])
     fig = go.Figure()
-    for key, label, colour in (("per_dataset_easy", "easy (one lookup)", EASY),
+    for key, label, colour in (("per_dataset_easy", "easy", EASY),
                                ("per_dataset_hard", "hard (multi-hop)", HARD)):
         fig.add_bar(x=names, y=[eval_summary[key].get(n) for n in names], name=label, marker_color=colour)
     fig.add_hline(y=eval_summary["easy"], line_dash="dot", line_color=EASY,
@@ -85,7 +85,7 @@ def find_browser() -> str | None:
 
 
 def save_figures(figs: dict[str, go.Figure], directory: str | Path | None = None, run: str | None = None,
-                 timeout_s: float = 180.0) -> dict[str, Path]:
+                 timeout_s: float = 180.0, png: bool = True, png_scale: float = 1.0) -> dict[str, Path]:
     """Write ``<directory>/<name>.html`` for every figure, then every ``<name>.png`` in ONE browser session.
 
     Each figure is stamped with ``run``. The HTML files are the record and are always written (one
@@ -95,7 +95,8 @@ def save_figures(figs: dict[str, go.Figure], directory: str | Path | None = None
     a timeout or an error is a logged WARNING that names what is missing, never an exception; a PNG left
     from an earlier run is removed first, so a PNG on disk always matches its HTML.
 
-    Returns the HTML path per name. ``directory`` defaults to ``paths.figures_dir()``.
+    Returns the HTML path per name. ``directory`` defaults to ``paths.figures_dir()``. ``png=False`` writes
+    the HTML files only; ``png_scale`` multiplies the PNGs' pixel size (3 for print).
     """
     out = Path(directory) if directory is not None else figures_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -108,12 +109,12 @@ def save_figures(figs: dict[str, go.Figure], directory: str | Path | None = None
         tmp.replace(path)
         paths[name] = path
         (out / f"{name}.png").unlink(missing_ok=True)
-    if stamped:
-        _write_pngs(stamped, out, timeout_s)
+    if stamped and png:
+        _write_pngs(stamped, out, timeout_s, png_scale)
     return paths
 
 
-def _write_pngs(figs: dict[str, go.Figure], out: Path, timeout_s: float) -> None:
+def _write_pngs(figs: dict[str, go.Figure], out: Path, timeout_s: float, scale: float = 1.0) -> None:
     """Every figure as ``out/<name>.png`` from one kaleido session, or a WARNING saying why not."""
     import asyncio
     import tempfile
@@ -132,7 +133,7 @@ def _write_pngs(figs: dict[str, go.Figure], out: Path, timeout_s: float) -> None
         return
     t0 = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=".png-", dir=out))  # kaleido claims a file before drawing it
-    specs = [{"fig": fig, "path": staging / f"{name}.png", "opts": {"format": "png"}} for name, fig in figs.items()]
+    specs = [{"fig": fig, "path": staging / f"{name}.png", "opts": {"format": "png", "scale": scale}} for name, fig in figs.items()]
 
     async def export():
         async with kaleido.Kaleido(path=browser, n=1, timeout=timeout_s, mathjax=False) as k:
@@ -299,7 +300,8 @@ def selection_outcome(selection) -> go.Figure:
 # ---------------------------------------------------------------------------------------------
 # stage 1 (notebook 04)
 
-MODE_ORDER = ("stage0_direct", "direct", "always", "oracle", "adaptive")
+MODE_ORDER = ("stage0_direct", "baseline_direct", "baseline_always", "direct", "always", "adaptive_stage1", "adaptive",
+              "oracle")
 
 
 def modes_easy_hard(evals: dict) -> go.Figure:
@@ -431,3 +433,47 @@ def rl_curves(history: list[dict], invocation: list[dict]) -> go.Figure:
     fig.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
     fig.update_layout(title="Stage 2 (GRPO): reward and invocation", template="plotly_white")
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# paper figures: the method's figures rebuilt from one run folder, styled for print
+
+
+def print_style(fig: go.Figure) -> go.Figure:
+    """A copy of ``fig`` for a paper: white template, larger type, a fixed 7 x 4.4 inch box (at 100 dpi)."""
+    out = go.Figure(fig)
+    out.update_layout(template="simple_white", font={"family": "Arial, Helvetica, sans-serif", "size": 15},
+                      width=700, height=440, margin={"l": 70, "r": 20, "t": 60, "b": 90})
+    return out
+
+
+def paper_figures(run: str | Path) -> dict[str, go.Figure]:
+    """Every method figure a demo run supports, rebuilt from ``<run>/summary.json`` and the stage-1
+    ``metrics.jsonl`` files (never from typed numbers), in print style. Raises FileNotFoundError naming
+    the file when ``run`` is not a finished demo run."""
+    import json
+
+    from .train import read_metrics
+
+    run = Path(run)
+    path = run / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a finished demo run (make demo OUT={run} writes it)")
+    s = json.loads(path.read_text())
+    ev = s["eval"]
+    figs = {"direct_easy_vs_hard": easy_hard_by_dataset(ev["direct"])}
+    if len([m for m in MODE_ORDER if m in ev]) > 1:
+        figs["modes_easy_hard"] = modes_easy_hard(ev)
+    if "selection" in s and "stage0_direct" in ev:
+        figs["reasoning_headroom"] = reasoning_headroom(ev["stage0_direct"], s["selection"], s.get("gate"))
+    if "gate" in s:
+        figs["gate_curve"] = gate_curve(s["gate"]["curve"])
+        if "adaptive" in ev:
+            figs["gate_invocation"] = gate_invocation(ev["adaptive"], s["gate"])
+    if "stage2" in s:
+        figs["rl_curves"] = rl_curves(s["stage2"]["reward_during_rl"], s["stage2"]["invocation_during_rl"])
+    arms = {a: read_metrics(run / "stage1" / a / "train") for a in ("selected", "random_worker")
+            if (run / "stage1" / a / "train" / "metrics.jsonl").is_file()}
+    if arms:
+        figs["stage1_curves"] = stage1_curves(arms)
+    return {name: print_style(fig) for name, fig in figs.items()}

@@ -8,7 +8,7 @@ import pytest
 
 from mmemb_lab.cli import main, parser
 
-COMMANDS = ["world", "foundation", "train", "evaluate", "demo", "bench", "datasets", "data", "benchmark"]
+COMMANDS = ["world", "foundation", "train", "evaluate", "demo", "figures", "bench", "datasets", "data", "benchmark"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -22,7 +22,9 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
     assert on_disk["eval"]["always"]["generated_tokens_per_query"] > 0
     sel = on_disk["selection"]
     assert {"precision", "selected_share_by_worker", "no_reasoning_rate_easy", "no_reasoning_rate_hard",
-            "gold_rationale_gain_hard"} <= set(sel)
+            "gold_rationale_gain_hard", "recall_on_opportunity", "worker_step_accuracy"} <= set(sel)
+    acc = sel["worker_step_accuracy"]
+    assert acc["format_only"] == 0.0 and 0.0 < acc["hallucinating"] < 1.0 and 0.0 < acc["concise"] < 1.0
     assert {"random_worker", "removal_only"} <= set(sel["baselines"])
     gold, s0 = sel["gold_rationale_hard_per_dataset"], on_disk["eval"]["stage0_direct"]
     assert set(gold["direct"]) == set(gold["gold"]) == set(s0["per_dataset_hard"])
@@ -70,6 +72,20 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
     assert again["stage2"]["reward_during_rl"] == on_disk["stage2"]["reward_during_rl"]
     assert (tmp_path / "run" / "figures" / "direct_easy_vs_hard.html").exists()
     assert not (tmp_path / "figures").exists()  # a run never writes the repository's figures/
+    # the paper figures are rebuilt from the run folder alone, numbers read from summary.json
+    from mmemb_lab.cli import main
+    from mmemb_lab.figures import paper_figures
+
+    figs = paper_figures(tmp_path / "run")
+    assert {"modes_easy_hard", "gate_curve", "gate_invocation", "rl_curves", "stage1_curves",
+            "reasoning_headroom", "direct_easy_vs_hard"} <= set(figs)
+    modes = {tr.name: dict(zip(tr.x, tr.y)) for tr in figs["modes_easy_hard"].data}
+    for mode in ("baseline_direct", "baseline_always", "adaptive_stage1", "adaptive", "oracle"):
+        assert modes["overall"][mode] == on_disk["eval"][mode]["overall"], mode
+    assert figs["gate_curve"].layout.width == 700 and figs["gate_curve"].layout.font.size == 15  # print style
+    assert main(["figures", str(tmp_path / "run"), "--no-png"]) == 0  # default folder: figures/<run name>
+    assert (tmp_path / "figures" / "run" / "gate_curve.html").exists()
+    assert main(["figures", str(tmp_path / "nowhere")]) == 2  # not a run: a one-line error
     assert json.loads((tmp_path / "run" / "config.json").read_text())["preset"] == "smoke"
     # the digest `make demo` prints ends the run: one row per mode, read from the summary
     from mmemb_lab.demo import format_summary
