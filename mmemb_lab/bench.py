@@ -16,7 +16,7 @@ import torch
 from .data import item_query
 from .embed import embed
 from .train import atomic_write_text
-from .world.tasks import DATASETS, make_item
+from .world.tasks import DATASETS, HARD_FRACTION, make_item
 
 
 def _timed(fn, repeats: int = 3) -> float:
@@ -28,7 +28,7 @@ def _timed(fn, repeats: int = 3) -> float:
 def embedding_throughput(backbone, n: int = 64, batch_size: int = 32) -> dict:
     """Direct-mode embedding of n mixed queries: batched vs one item at a time (items/s, best of 3)."""
     names = sorted(DATASETS)
-    inputs = [item_query(make_item(names[i % len(names)], 0, "eval", i, 0.65)) for i in range(n)]
+    inputs = [item_query(make_item(names[i % len(names)], 0, "eval", i, HARD_FRACTION)) for i in range(n)]
     embed(backbone, inputs[:batch_size], batch_size=batch_size)  # warm-up
     t_batched = _timed(lambda: embed(backbone, inputs, batch_size=batch_size))
     t_single = _timed(lambda: [embed(backbone, [x]) for x in inputs])
@@ -48,7 +48,7 @@ def counterfactual_throughput(backbone, n_items: int = 32) -> dict:
     from .workers import toy_rationales
 
     names = sorted(DATASETS)
-    items = [make_item(names[i % len(names)], 0, "train", i, 0.65) for i in range(n_items)]
+    items = [make_item(names[i % len(names)], 0, "train", i, HARD_FRACTION) for i in range(n_items)]
     pairs = toy_pairs(items, [toy_rationales(it, 0) for it in items])
     n_cands = sum(len(p.rationales) for p in pairs)
     partner = pair_partners(pairs)
@@ -75,11 +75,11 @@ import json, resource, sys, time, torch
 from mmemb_lab.foundation import load_foundation
 from mmemb_lab.paths import foundation_dir
 from mmemb_lab.stage1 import Stage1Config, Stage1Model, make_step_fn
-from mmemb_lab.world.tasks import DATASETS, make_item
+from mmemb_lab.world.tasks import DATASETS, HARD_FRACTION, make_item
 chunk, batch, buckets = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 bb, _ = load_foundation(foundation_dir())
 names = sorted(DATASETS)
-data = [(make_item(names[i % 8], 0, "train", i, 0.65), None) for i in range(64)]
+data = [(make_item(names[i % 8], 0, "train", i, HARD_FRACTION), None) for i in range(64)]
 data = [(it, " ".join(it.gold_steps) if it.needs_reasoning else None) for it, _ in data]
 fn = make_step_fn(bb, data, Stage1Config(batch_size=batch, chunk_size=chunk, length_buckets=buckets), seed=0)
 module = Stage1Model(bb.model)
@@ -111,7 +111,7 @@ def gate_span_reuse(backbone, n: int = 16, max_new_tokens: int = 32, repeats: in
     from .inference import generate_rationales
 
     names = sorted(DATASETS)
-    inputs = [item_query(make_item(names[i % len(names)], 0, "eval", i, 0.65)) for i in range(n)]
+    inputs = [item_query(make_item(names[i % len(names)], 0, "eval", i, HARD_FRACTION)) for i in range(n)]
     fresh, cont, same = [], [], True
     for r in range(repeats + 1):  # the first pass warms up
         for x in inputs:

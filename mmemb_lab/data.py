@@ -12,6 +12,7 @@ Used by: foundation (stage 0), the contrastive stage, the evaluation harness, no
 from __future__ import annotations
 
 import logging
+import re
 
 from PIL import Image
 
@@ -131,14 +132,25 @@ def load_visual(root: Path, rel: str | list, where: str):
     path = root / rel
     if path.is_dir():
         frames = sorted((p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")),
-                        key=lambda p: (len(p.stem), p.stem))
+                        key=lambda p: natural_key(p.name))
         if not frames:
             raise DataError(f"{where}: video folder {path} has no frames")
-        if len(frames) > N_VIDEO_FRAMES:
-            idx = [round(i * (len(frames) - 1) / (N_VIDEO_FRAMES - 1)) for i in range(N_VIDEO_FRAMES)]
-            frames = [frames[i] for i in idx]
-        return [open_image(p, where) for p in frames]
+        return [open_image(frames[i], where) for i in sample_frame_indices(len(frames))]
     return open_image(path, where)
+
+
+def sample_frame_indices(n_frames: int, k: int = N_VIDEO_FRAMES) -> list[int]:
+    """The reference's uniform sampling: ``linspace(0, n-1, k)`` truncated to ints; all frames if n <= k.
+    The one frame-sampling rule, for toy videos and MMEB-V2 frame folders alike."""
+    if n_frames <= k:
+        return list(range(n_frames))
+    step = (n_frames - 1) / (k - 1)  # computed as numpy.linspace does, so float rounding agrees too
+    return [int(i * step) for i in range(k - 1)] + [n_frames - 1]
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders ``frame2`` before ``frame10``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
 def open_image(path: Path, where: str) -> Image.Image:

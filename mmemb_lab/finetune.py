@@ -23,7 +23,7 @@ import numpy as np
 
 from . import distributed
 from .backbone import Backbone
-from .contrastive import info_nce
+from .contrastive import TEMPERATURE, info_nce
 from .data import load_train
 from .embed import Embedder, Input, collate
 from .train import LoopConfig, LoopResult, run_loop
@@ -37,8 +37,8 @@ class FinetuneConfig:
     """Optimiser and schedule (short and gentle: the foundation already embeds)."""
     batch_size: int = 32
     """Global batch (split over processes)."""
-    temperature: float = 0.05
-    """InfoNCE temperature (ours for the tiny model; 0.02 in the VLM2Vec-V2 recipe)."""
+    temperature: float = TEMPERATURE
+    """InfoNCE temperature (``contrastive.TEMPERATURE``)."""
     hard_negatives: bool = True
     """Use each row's ``neg_text`` / ``neg_image_path`` as an extra negative."""
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .backbone import Backbone, TinySpec, build_tiny, load_backbone, reasoning_span, train_tokenizer
-from .contrastive import info_nce
+from .contrastive import TEMPERATURE, info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
 from .train import LoopConfig, atomic_write_text, run_loop
@@ -55,7 +55,7 @@ from .world.skills import (
     cell_fact, describe_frame, describe_page, describe_scene, reason_chain, sample_skill, text_op,
 )
 from .world.build import WORLD_VERSION
-from .world.tasks import DATASETS, make_item, video_near_miss
+from .world.tasks import DATASETS, HARD_FRACTION, make_item, video_near_miss
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,9 @@ class FoundationConfig:
     """Weight of the per-image-token attribute head."""
     nce_weight: float = 1.0
     """Weight of the direct contrastive term."""
-    temperature: float = 0.05
-    """InfoNCE temperature (ours, for a tiny model; the reference recipe uses 0.02 at 4B)."""
-    hard_fraction: float = 0.65
+    temperature: float = TEMPERATURE
+    """InfoNCE temperature (``contrastive.TEMPERATURE``)."""
+    hard_fraction: float = HARD_FRACTION
     """Share of hard items in the contrastive stream (the world's default mix)."""
     hard_negatives: int = 2
     """Mined negatives per query: other candidates of the item (local) or near-miss targets (global)."""
@@ -218,7 +218,7 @@ def world_corpus(seed: int, n: int) -> list[str]:
 
     for name in DATASETS:
         for i in range(n // 8):
-            it = make_item(name, seed, "stream", 10_000_000 + i, 0.65)
+            it = make_item(name, seed, "stream", 10_000_000 + i, HARD_FRACTION)
             texts += [it.query_inst, it.query_text, it.answer, it.target_inst, *it.gold_steps,
                       *[t for t, _ in it.candidates if t]]
             if i % 4 == 0:  # the workers' wording (filler, format-only text) is part of the world's language
@@ -230,7 +230,7 @@ def world_fingerprint(tokenizer) -> str:
     """Hash of the world generator's output and the tokenizer: a committed foundation must match both."""
     h = hashlib.sha256(WORLD_VERSION.encode())
     for name in sorted(DATASETS):
-        it = make_item(name, 0, "eval", 0, 0.65)
+        it = make_item(name, 0, "eval", 0, HARD_FRACTION)
         h.update(repr((it.query_inst, it.query_text, it.answer, it.gold_steps, it.candidates)).encode())
     rng = np.random.default_rng(0)
     for _ in range(20):

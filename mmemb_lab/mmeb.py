@@ -81,7 +81,8 @@ from typing import Iterable, Sequence
 from PIL import Image
 
 from .data import (
-    BEIR_COLUMNS, N_VIDEO_FRAMES, TRAIN_COLUMNS, DataError, EvalQuery, EvalSet, open_image, strip_placeholders,
+    BEIR_COLUMNS, N_VIDEO_FRAMES, TRAIN_COLUMNS, DataError, EvalQuery, EvalSet, natural_key, open_image,
+    sample_frame_indices, strip_placeholders,
 )
 from .embed import Input
 from .registry import MMEB_V2, DatasetInfo
@@ -165,24 +166,12 @@ def resolve_all(inputs: Iterable[Input]) -> list[Input]:
     return [resolve(x) for x in inputs]
 
 
-def sample_frame_indices(n_frames: int, k: int = N_VIDEO_FRAMES) -> list[int]:
-    """The reference's uniform sampling: ``linspace(0, n-1, k)`` truncated to ints; all frames if n <= k."""
-    if n_frames <= k:
-        return list(range(n_frames))
-    step = (n_frames - 1) / (k - 1)  # computed as numpy.linspace does, so float rounding agrees too
-    return [int(i * step) for i in range(k - 1)] + [n_frames - 1]
-
-
-def _natural_key(name: str) -> list:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
-
-
 def frames_visual(folder: Path, where: str) -> LazyVisual:
     """Check a frames folder (exists, has frames, no gap in the frame numbers) and sample 8 of them."""
     if not folder.is_dir():
         raise DataError(f"{where}: missing video frames folder {folder}")
     frames = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS),
-                    key=lambda p: _natural_key(p.name))
+                    key=lambda p: natural_key(p.name))
     if not frames:
         raise DataError(f"{where}: video folder {folder} has no frames")
     numbers = [_FRAME_NUMBER.search(p.stem) for p in frames]

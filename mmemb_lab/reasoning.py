@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
+from .contrastive import TEMPERATURE
 from .data import item_candidates, item_query
 from .embed import embed
 from .workers import Rationale
@@ -54,7 +55,7 @@ class LatentView:
     """(R,) p(r | q, t+)."""
 
 
-def latent_view(evaluator: Backbone, item: Item, rationales: Sequence[Rationale], temperature: float = 0.05,
+def latent_view(evaluator: Backbone, item: Item, rationales: Sequence[Rationale], temperature: float = TEMPERATURE,
                 prior: Sequence[float] | None = None) -> LatentView:
     """Prior, likelihood and posterior over r for one local-task item (candidates = its own list)."""
     usable = [r for r in rationales if r.status == "ok"]

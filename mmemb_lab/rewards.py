@@ -35,7 +35,7 @@ Concept
 Where our reward departs from the paper's outline (only the outline is public)
     - The exact reward is not public. Ours: utility + cost + format, summed with weight 1 each;
       ``RewardConfig`` holds the constants (our defaults, not the paper's numbers).
-    - s is the InfoNCE probability of t+ against *the pair's own* negatives (temperature 0.05); the paper
+    - s is the InfoNCE probability of t+ against *the pair's own* negatives (``contrastive.TEMPERATURE``); the paper
       only says "pair-aware". Why the probability and not its log (which selection uses to rank the
       candidates of one pair): the reward compares reasoning with not reasoning *across* pairs, and the
       log-gap is unbounded below: a few confidently wrong rationales outweigh the many that help, and a
@@ -69,7 +69,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN, Backbone
-from .contrastive import log_prob_positive
+from .contrastive import TEMPERATURE, log_prob_positive
 from .embed import Input, embed
 
 DIRECT, REASON, EMPTY, UNCLOSED, MALFORMED = "direct", "reason", "empty", "unclosed", "malformed"
@@ -80,7 +80,7 @@ CONFIDENCES = ("prob", "log_prob")
 class RewardConfig:
     """Constants of the stage-2 reward (all ours: the paper's values are not public)."""
 
-    temperature: float = 0.05
+    temperature: float = TEMPERATURE
     """InfoNCE temperature of the pair-aware confidence s (same as selection and stage 1)."""
     confidence: str = "prob"
     """The scale of s: "prob" (p(t+ | q) against the pair's negatives, in [0, 1]) or "log_prob" (its log)."""
@@ -225,7 +225,7 @@ class UtilityGapReward:
     __name__ = "utility_gap"
 
     def __init__(self, backbone: Backbone, pairs: Mapping[str, PairTargets] | Sequence[PairTargets],
-                 temperature: float = 0.05, batch_size: int = 32, encoder: Encoder | None = None,
+                 temperature: float = TEMPERATURE, batch_size: int = 32, encoder: Encoder | None = None,
                  confidence: str = "prob", frozen_embedder: bool = False):
         if confidence not in CONFIDENCES:
             raise ValueError(f"unknown confidence {confidence!r}: one of {CONFIDENCES}")

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .backbone import EMB_TOKEN, THINK_OPEN, Backbone, reasoning_span
-from .contrastive import info_nce
+from .contrastive import TEMPERATURE, info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
 from .runs import Manifest, RunFolder, weights_digest
@@ -64,8 +64,8 @@ class Stage1Config:
     (docs/research-log.md, Stage 1: learning rate)."""
     batch_size: int = 32
     """Pairs per step (global)."""
-    temperature: float = 0.05
-    """InfoNCE temperature (ours)."""
+    temperature: float = TEMPERATURE
+    """InfoNCE temperature (``contrastive.TEMPERATURE``)."""
     lambda_gen: float = 1.0
     """Weight of NextToken(r* | q) (ours)."""
     lambda_dir: float = 1.0
