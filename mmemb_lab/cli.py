@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "datasets", "urllib3", "filelock"):
+    for noisy in ("httpx", "datasets", "urllib3", "filelock", "choreographer", "kaleido", "logistro"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         a.fn(a)
