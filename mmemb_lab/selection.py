@@ -317,7 +317,7 @@ class Selection:
     def recall_on_opportunity(self) -> float:
         """Among hard pairs with an opportunity - some candidate states every gold fact AND that correct
         candidate clears tau under this selection's counterfactual - the share that received a correct
-        rationale. (The issue's definition asks for the gold rationale's own gain; a correct candidate
+        rationale. (Strictly, an opportunity needs the gold rationale's own gain; a correct candidate
         states the gold facts, so its gain stands in for it.)"""
         t = self.table
         passing = t.correct & (np.nan_to_num(t.gains(self.variant), nan=-np.inf) >= self.tau)
