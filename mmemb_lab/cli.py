@@ -236,8 +236,10 @@ def _benchmark(a) -> None:
         from .world.build import toy_registry
 
         registry = toy_registry(_world_info(a.data))
-        source = ToySource(Path(a.data))
+        source = ToySource(Path(a.data), a.split)
     else:
+        if a.split != "eval":
+            raise UsageError(f"--split {a.split} is a toy world's split; MMEB-V2 has no validation split")
         registry, source = benchmark(a.benchmark), MMEBSource(Path(a.data))
     full = dict(registry)
     if a.datasets:
@@ -349,6 +351,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", default=None, help="checkpoint folder or Hub id (default: data/foundation)")
     s.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
     s.add_argument("--datasets", nargs="*", help="subset of the benchmark's datasets")
+    s.add_argument("--split", default="eval", choices=["eval", "val"],
+                   help="toy: score the reported eval queries, or the validation queries on which settings are chosen")
     s.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     s.add_argument("--prompt", default="user", choices=["user", "chat", "raw"],
                    help="prompt convention: user (ours), chat (system instruction), raw (VLM2Vec)")

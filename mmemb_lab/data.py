@@ -194,8 +194,25 @@ def load_train(path: str | Path, root: str | Path | None = None, name: str | Non
     return out
 
 
-def load_eval(world_root: str | Path, name: str, eval_type: str, strict: bool = False) -> EvalSet:
-    """Load one evaluation dataset (local: MMEB-eval schema; global: BEIR queries/corpus/qrels).
+EVAL_SPLITS = ("eval", "val")
+"""A toy world's query splits in the evaluation layout: ``eval`` reports, ``val`` chooses settings."""
+
+
+def eval_split_dir(world_root: str | Path, name: str, eval_type: str, split: str = "eval") -> Path:
+    """Where one dataset's split lives: local tasks in ``<name>/<split>/``; global tasks keep MMEB's BEIR
+    parts (queries, corpus, qrels) in ``<name>/`` for ``eval`` and in ``<name>/val/`` for ``val``."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown split {split!r}; one of {EVAL_SPLITS}")
+    base = Path(world_root) / name
+    if eval_type == "local":
+        return base / split
+    return base if split == "eval" else base / split
+
+
+def load_eval(world_root: str | Path, name: str, eval_type: str, strict: bool = False,
+              split: str = "eval") -> EvalSet:
+    """Load one evaluation dataset (local: MMEB-eval schema; global: BEIR queries/corpus/qrels); ``split``
+    is ``eval`` (the reported queries) or ``val`` (the toy world's validation queries, :func:`eval_split_dir`).
 
     A bad row (query, candidate or corpus page) raises ``DataError`` in strict mode; otherwise it is
     skipped, logged, counted (``skipped``) and its reason kept (``problems``, the first few).
@@ -211,11 +228,12 @@ def load_eval(world_root: str | Path, name: str, eval_type: str, strict: bool = 
         log.warning("skipping %s", err)
         problems.append(str(err))
 
+    where_split = eval_split_dir(root, name, eval_type, split)
     if eval_type == "local":
-        ds = open_split(root / name / "eval", name)
-        check_columns(ds, LOCAL_EVAL_COLUMNS, f"{name} ({root / name / 'eval'})")
+        ds = open_split(where_split, name)
+        check_columns(ds, LOCAL_EVAL_COLUMNS, f"{name} ({where_split})")
         for i, r in enumerate(ds):
-            where = f"{name} eval row {i}"
+            where = f"{name} {split} row {i}"
             try:
                 if not r["tgt_text"] and not r["tgt_img_path"]:
                     raise DataError(f"{where}: empty candidate list")
@@ -242,8 +260,8 @@ def load_eval(world_root: str | Path, name: str, eval_type: str, strict: bool = 
         return EvalSet(name, queries, cands, "local", len(problems), tuple(problems[:MAX_PROBLEMS]))
     parts = {}
     for part, cols in BEIR_COLUMNS.items():
-        ds = open_split(root / name / part, name)
-        check_columns(ds, cols, f"{name} ({root / name / part})")
+        ds = open_split(where_split / part, name)
+        check_columns(ds, cols, f"{name} ({where_split / part})")
         parts[part] = ds
     dropped_pages = set()
     for i, r in enumerate(parts["corpus"]):

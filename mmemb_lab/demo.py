@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def world_summary(info: dict) -> dict:
-    keep = ("modality", "meta_task", "n_eval", "n_candidates", "hard_fraction", "eval_type", "metric")
+    keep = ("modality", "meta_task", "n_eval", "n_val", "n_candidates", "hard_fraction", "eval_type", "metric")
     return {"datasets": {k: {f: d[f] for f in keep} for k, d in info["datasets"].items()},
             "config": info["config"]}
 
@@ -126,7 +126,8 @@ def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, wo
             gate_block, stage2_block = s2["gate"], s2["stage2"]
             gate_block["oracle_gain_captured"] = oracle_gain_captured(evals)
             figs.update({"gate_invocation": gate_invocation(s2["eval"]["adaptive"], gate_block),
-                         "gate_curve": gate_curve(gate_block["curve"]),
+                         "gate_curve": gate_curve(gate_block["curve"], gate_block["threshold"],
+                                                  gate_block["threshold_choice"]["stage2"].get("curve")),
                          "rl_curves": rl_curves(stage2_block["reward_during_rl"], stage2_block["invocation_during_rl"])})
         figs["modes_easy_hard"] = modes_easy_hard(evals)
     else:
@@ -237,6 +238,11 @@ def format_summary(summary: dict) -> str:
                          + ", ".join(f"{k.removeprefix('toy_')} {v:.2f}" for k, v in per.items()))
     gate = summary.get("gate")
     if gate:
+        choice = gate.get("threshold_choice", {})
+        how = {m: c["threshold"] for m, c in choice.items() if c.get("split") == "val"}
+        if how:
+            lines.append("thresholds chosen on the validation split (best overall there): after GRPO "
+                         f"{how.get('stage2')}, stage-1 gate {how.get('stage1')}")
         lines.append(f"gate (threshold {gate['threshold']}): precision / recall vs needs_reasoning "
                      f"{_num(gate['precision_vs_needs_reasoning'], '.2f')} / "
                      f"{_num(gate['recall_vs_needs_reasoning'], '.2f')}; "

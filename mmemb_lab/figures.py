@@ -392,8 +392,10 @@ def reasoning_headroom(stage0: dict, selection: dict, gate: dict | None = None) 
     return fig
 
 
-def gate_curve(curve: list[dict]) -> go.Figure:
-    """Threshold sweep: accuracy against invocation rate and against latency, paper optimum marked."""
+def gate_curve(curve: list[dict], chosen: float | None = None, val_curve: list[dict] | None = None) -> go.Figure:
+    """Threshold sweep: accuracy against invocation rate and against latency, paper optimum marked; with
+    ``val_curve``, the validation split's overall score beside the evaluation's, and ``chosen`` (the threshold
+    picked on validation) ringed on the evaluation curve."""
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs invocation rate", "accuracy vs latency"))
@@ -404,6 +406,17 @@ def gate_curve(curve: list[dict]) -> go.Figure:
                         name=key, text=text, line={"color": colour}, row=1, col=1)
         fig.add_scatter(x=[p["latency_ms_per_query"] for p in pts], y=[p[key] for p in pts], mode="lines+markers",
                         name=key, text=text, line={"color": colour}, showlegend=False, row=1, col=2)
+    if val_curve:
+        vp = sorted(val_curve, key=lambda p: p["invocation_rate"])
+        fig.add_scatter(x=[p["invocation_rate"] for p in vp], y=[p["overall"] for p in vp], mode="lines+markers",
+                        name="overall (validation)", text=[f"t={p['threshold']}" for p in vp],
+                        line={"color": "#888888", "dash": "dot"}, row=1, col=1)
+    at = [p for p in pts if chosen is not None and abs(p["threshold"] - chosen) < 1e-12]
+    if at:
+        for col, key in ((1, "invocation_rate"), (2, "latency_ms_per_query")):
+            fig.add_scatter(x=[at[0][key]], y=[at[0]["overall"]], mode="markers", name=f"chosen on validation "
+                            f"(t={chosen})", showlegend=col == 1, row=1, col=col,
+                            marker={"symbol": "circle-open", "size": 16, "color": "black", "line": {"width": 2}})
     fig.add_vline(x=PAPER_INVOCATION, line_dash="dash", line_color="black", row=1, col=1,
                   annotation_text="paper's optimum (~74%)")
     fig.update_xaxes(title_text="invocation rate", range=[-0.02, 1.02], row=1, col=1)
@@ -467,7 +480,8 @@ def paper_figures(run: str | Path) -> dict[str, go.Figure]:
     if "selection" in s and "stage0_direct" in ev:
         figs["reasoning_headroom"] = reasoning_headroom(ev["stage0_direct"], s["selection"], s.get("gate"))
     if "gate" in s:
-        figs["gate_curve"] = gate_curve(s["gate"]["curve"])
+        choice = s["gate"].get("threshold_choice", {}).get("stage2", {})
+        figs["gate_curve"] = gate_curve(s["gate"]["curve"], s["gate"]["threshold"], choice.get("curve"))
         if "adaptive" in ev:
             figs["gate_invocation"] = gate_invocation(ev["adaptive"], s["gate"])
     if "stage2" in s:

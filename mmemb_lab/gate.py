@@ -298,10 +298,11 @@ class GatePass:
 
 
 def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: float, max_new_tokens: int = 64,
-              batch_size: int = 32, latency_sample: int = 8, progress: bool = False) -> GatePass:
-    """ONE pass over the evaluation sets: gate prefill for every query, a rationale and re-embedding for
-    every query whose p_open exceeds ``min_threshold`` (all of them when it is below 0), and batch-1
-    timings of the gate and of the reasoning on the first ``latency_sample`` queries of each set."""
+              batch_size: int = 32, latency_sample: int = 8, progress: bool = False, split: str = "eval") -> GatePass:
+    """ONE pass over the evaluation sets (``split``: ``eval``, or the world's ``val`` queries): gate prefill for
+    every query, a rationale and re-embedding for every query whose p_open exceeds ``min_threshold`` (all of
+    them when it is below 0), and batch-1 timings of the gate and of the reasoning on the first
+    ``latency_sample`` queries of each set."""
     from tqdm.auto import tqdm
 
     from .data import load_eval
@@ -309,8 +310,8 @@ def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: flo
     per: dict[str, DatasetGate] = {}
     lat_gate, lat_reason, lat_p = [], [], []
     t_gate, t_reason, n_q, n_r = 0.0, 0.0, 0, 0
-    for name, info in tqdm(registry.items(), desc="gate pass", disable=not progress):
-        es = load_eval(world_root, name, info.eval_type)
+    for name, info in tqdm(registry.items(), desc=f"gate pass ({split})", disable=not progress):
+        es = load_eval(world_root, name, info.eval_type, split=split)
         if not es.queries:
             continue
         inputs = [q.query for q in es.queries]
@@ -338,7 +339,7 @@ def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: flo
             lat_reason.append(1000 * (one.span_s + time.perf_counter() - t0))
             lat_p.append(p[i])
     if not per:
-        raise ValueError(f"no evaluation queries under {world_root}")
+        raise ValueError(f"no {split} queries under {world_root}")
     return GatePass(per, np.asarray(lat_gate), np.asarray(lat_reason), np.asarray(lat_p),
                     {"gate": 1000 * t_gate / max(1, n_q), "reason": 1000 * t_reason / max(1, n_r)})
 
@@ -373,6 +374,13 @@ def sweep_points(gp: GatePass, registry: dict, thresholds: Sequence[float]) -> l
             float(np.mean(easy)) if easy else None, float(np.mean(hard)) if hard else None,
             dict(agg.per_meta_task), lat, toks / n_all))
     return points
+
+
+def choose_threshold(points: Sequence[SweepPoint]) -> SweepPoint:
+    """A sweep's best point by its overall score; among points tied with the best (within 1e-9), the one
+    with the highest threshold: the fewest openings, hence the lowest cost. Run on the validation split."""
+    best = max(p.overall for p in points)
+    return max((p for p in points if p.overall >= best - 1e-9), key=lambda p: p.threshold)
 
 
 def sweep(backbone: Backbone, world_root, registry: dict, thresholds: Sequence[float], max_new_tokens: int = 64,

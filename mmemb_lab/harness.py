@@ -113,9 +113,11 @@ class HarnessConfig:
 
 @dataclass(frozen=True)
 class ToySource:
-    """A toy world folder (``mmemb_lab.world.build``), read by ``data.load_eval``."""
+    """A toy world folder (``mmemb_lab.world.build``), read by ``data.load_eval``: its ``eval`` split, or the
+    ``val`` split on which settings are chosen."""
 
     root: Path
+    split: str = "eval"
 
     def available(self, info: DatasetInfo) -> bool:
         return (Path(self.root) / info.name).is_dir()
@@ -123,15 +125,17 @@ class ToySource:
     def version(self, info: DatasetInfo) -> str:
         w = json.loads((Path(self.root) / "world.json").read_text())
         c = w["config"]
-        return f"{w['version']}/seed{c['seed']}-n{c['n_eval']}-hard{c['hard_fraction']}"
+        n = c["n_eval"] if self.split == "eval" else c.get("n_val")
+        return f"{w['version']}/{self.split}/seed{c['seed']}-n{n}-hard{c['hard_fraction']}"
 
     def load(self, info: DatasetInfo, strict: bool = False) -> MMEBSet:
-        es = load_eval(self.root, info.name, info.eval_type, strict=strict)
+        es = load_eval(self.root, info.name, info.eval_type, strict=strict, split=self.split)
         return MMEBSet(es.name, es.queries, es.candidates, es.eval_type, es.skipped, es.problems, self.version(info))
 
     def fingerprint(self) -> str:
-        """The world's identity: a digest of its ``world.json`` (version, config, per-dataset counts)."""
-        return world_digest(self.root)
+        """The world's identity: a digest of its ``world.json`` (version, config, per-dataset counts), and
+        the split."""
+        return world_digest(self.root) + ("" if self.split == "eval" else f"/{self.split}")
 
 
 @dataclass(frozen=True)

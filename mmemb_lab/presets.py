@@ -48,10 +48,11 @@ class RunConfig:
 
 
 def tiny(seed: int = 0) -> RunConfig:
-    """CPU preset: 8 toy datasets x 100 eval queries, 256 training rows each, 100 fine-tuning steps,
+    """CPU preset: 8 toy datasets x 100 eval queries (50 validation queries choose the gate's threshold), 256
+    training rows each, 100 fine-tuning steps,
     192 selected pairs per dataset, 160 stage-1 steps (fewer cost the direct path more), a demo of minutes
     on 2 cores (docs/research-log.md, Stage 1: steps in the tiny preset; Evaluation: run time)."""
-    return RunConfig("tiny", WorldConfig(seed=seed, n_train=256, n_eval=100),
+    return RunConfig("tiny", WorldConfig(seed=seed, n_train=256, n_eval=100, n_val=50),
                      FinetuneConfig(loop=LoopConfig(steps=100, lr=2e-4, warmup=10, ckpt_every=25, seed=seed)),
                      SelectionConfig(n_per_dataset=192),  # 64: stage 1 memorised 512 pairs (direct hard -14)
                      Stage1Config(loop=LoopConfig(steps=160, lr=2e-4, warmup=20, ckpt_every=40, seed=seed),
@@ -60,7 +61,7 @@ def tiny(seed: int = 0) -> RunConfig:
 
 def smoke(seed: int = 0) -> RunConfig:
     """Seconds-long preset for tests: tiny sizes everywhere."""
-    return RunConfig("smoke", WorldConfig(seed=seed, n_train=16, n_eval=12),
+    return RunConfig("smoke", WorldConfig(seed=seed, n_train=16, n_eval=12, n_val=6),
                      FinetuneConfig(loop=LoopConfig(steps=4, lr=2e-4, warmup=1, ckpt_every=2, seed=seed),
                                     batch_size=8), SelectionConfig(n_per_dataset=3, own_max_new_tokens=8),
                      Stage1Config(loop=LoopConfig(steps=2, lr=5e-4, warmup=1, ckpt_every=2, seed=seed), batch_size=4),

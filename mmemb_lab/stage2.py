@@ -32,9 +32,10 @@ from typing import Callable
 import numpy as np
 
 from .backbone import Backbone, load_backbone
+from .data import eval_split_dir
 from .embed import embed
 from .evaluate import EvalResult, eval_result, mixed_cost
-from .gate import AdaptiveEncoder, GatePass, gate_pass, gate_precision_recall, sweep_points
+from .gate import AdaptiveEncoder, GatePass, choose_threshold, gate_pass, gate_precision_recall, sweep_points
 from .inference import ReasoningEncoder
 from .rl import RLConfig, read_rl_run, toy_rl_pairs, train_rl
 from .train import atomic_write_text
@@ -57,9 +58,11 @@ class Stage2Config:
     probe_per_dataset: int = 8
     """Held-out training-split queries per dataset on which the invocation rate is tracked during RL."""
     threshold: float = 0.5
-    """The gate's threshold on p_open for ``eval.adaptive``."""
-    thresholds: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98)
-    """The sweep's thresholds (``gate.curve``)."""
+    """The gate's threshold on p_open where the world has no validation split; with one, each gate's
+    threshold is the best of ``thresholds`` on it (:func:`gate.choose_threshold`)."""
+    thresholds: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
+    """The sweep's thresholds (``gate.curve``), also the candidates of the validation choice. Up to 0.995
+    because GRPO pushes p_open towards 1 (docs/research-log.md, Stage 2: the threshold chosen on validation)."""
     max_new_tokens: int = 64
     """Generation budget of a rationale at inference."""
     train_offset: int = 5000
@@ -229,35 +232,39 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
                                                              "source": source}))
     history, invocation = read_rl_run(out / "rl")
 
+    stage1 = load_backbone(stage1_model)
+    choice = {"stage2": threshold_on_val(backbone, world_root, registry, cfg, progress),
+              "stage1": threshold_on_val(stage1, world_root, registry, cfg, progress)}
+    thr, thr1 = choice["stage2"]["threshold"], choice["stage1"]["threshold"]
     gp = gate_pass(backbone, world_root, registry, -1.0, cfg.max_new_tokens, latency_sample=latency_sample,
                    progress=progress)
-    stage1 = load_backbone(stage1_model)
-    gp1 = gate_pass(stage1, world_root, registry, cfg.threshold, cfg.max_new_tokens, latency_sample=0,
+    gp1 = gate_pass(stage1, world_root, registry, thr1, cfg.max_new_tokens, latency_sample=0,
                     progress=progress)
-    sample, target_share = stratified_sample(gp, cfg.threshold, latency_sample * len(registry), seed)
-    adaptive1 = AdaptiveEncoder(stage1, cfg.threshold, cfg.max_new_tokens)
+    sample, target_share = stratified_sample(gp, thr, latency_sample * len(registry), seed)
+    adaptive1 = AdaptiveEncoder(stage1, thr1, cfg.max_new_tokens)
     extra = {"stage1_adaptive": lambda x: adaptive1([x])}
     for name, (path, mode) in (baselines or {}).items():
         extra[name] = _one_input_encoder(load_backbone(path), mode, cfg.max_new_tokens)
-    lat = reference_latency(backbone, sample, AdaptiveEncoder(backbone, cfg.threshold, cfg.max_new_tokens),
+    lat = reference_latency(backbone, sample, AdaptiveEncoder(backbone, thr, cfg.max_new_tokens),
                             cfg.max_new_tokens, stage1=stage1, extra=extra)
-    lat["invoked_share_eval"] = float(np.mean(np.concatenate([dg.p > cfg.threshold for dg in gp.per.values()])))
+    lat["invoked_share_eval"] = float(np.mean(np.concatenate([dg.p > thr for dg in gp.per.values()])))
     lat["invoked_share_sample_target"] = target_share
     lat["mixed_cost_ratio"] = lat["adaptive_ms"] / lat["mixed_cost_ms"]
-    modes = mode_results(gp, registry, cfg.threshold, lat)
-    stage1_adaptive = _adaptive_only(gp1, registry, cfg.threshold, lat["stage1_adaptive_ms"])
+    modes = mode_results(gp, registry, thr, lat)
+    stage1_adaptive = _adaptive_only(gp1, registry, thr1, lat["stage1_adaptive_ms"])
     for name, ds in modes["adaptive"].per_dataset.items():
         write_dataset_files(out / "eval" / "adaptive", ds, gp.per[name].es)
-    rates, gate = gate_block(gp, registry, cfg.threshold)
+    rates, gate = gate_block(gp, registry, thr)
     points = sweep_points(gp, registry, cfg.thresholds)
     adaptive_summary = modes["adaptive"].summary() | rates | {
-        "latency_ms_p50": lat["adaptive_p50_ms"], "latency_ms_p95": lat["adaptive_p95_ms"], "threshold": cfg.threshold}
+        "latency_ms_p50": lat["adaptive_p50_ms"], "latency_ms_p95": lat["adaptive_p95_ms"], "threshold": thr}
     gate.update({"latency_ms_not_invoked": lat["not_invoked_ms"], "latency": lat,
-                 "curve": [{k: v for k, v in p.summary().items() if k != "per_meta_task"} for p in points]})
-    rates1, _ = gate_block(gp1, registry, cfg.threshold)
+                 "curve": [{k: v for k, v in p.summary().items() if k != "per_meta_task"} for p in points],
+                 "threshold_choice": choice})
+    rates1, _ = gate_block(gp1, registry, thr1)
     result = {
         "eval": {"adaptive": adaptive_summary,
-                 "adaptive_stage1": stage1_adaptive.summary() | rates1 | {"threshold": cfg.threshold}},
+                 "adaptive_stage1": stage1_adaptive.summary() | rates1 | {"threshold": thr1}},
         "gate": gate,
         "stage2": {"rl": asdict(cfg.rl) | {"n_queries": cfg.n_per_dataset * len(registry)}, "rl_wall_s": rl_wall,
                    "after_rl": {"direct": _short(modes["direct"]), "always": _short(modes["always"])},
@@ -267,6 +274,23 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
     }
     atomic_write_text(out / "stage2.json", json.dumps(result, indent=1))
     return result
+
+
+def threshold_on_val(backbone: Backbone, world_root, registry: dict, cfg: Stage2Config, progress: bool) -> dict:
+    """The gate's threshold for one model, chosen on the world's validation split: the best overall score
+    among ``cfg.thresholds`` (:func:`gate.choose_threshold`), with the validation sweep that chose it. A world
+    without a validation split keeps ``cfg.threshold`` (and says so in the log and the result)."""
+    if not all(eval_split_dir(world_root, name, info.eval_type, "val").exists() for name, info in registry.items()):
+        log.warning("stage 2: %s has no validation split; the gate's threshold stays %.2f", world_root, cfg.threshold)
+        return {"threshold": cfg.threshold, "split": None, "rule": "configured (no validation split)"}
+    gp = gate_pass(backbone, world_root, registry, min(cfg.thresholds), cfg.max_new_tokens, latency_sample=0,
+                   progress=progress, split="val")
+    points = sweep_points(gp, registry, cfg.thresholds)
+    best = choose_threshold(points)
+    return {"threshold": best.threshold, "split": "val", "rule": "best overall on val; ties: highest threshold",
+            "n_queries": sum(len(dg.p) for dg in gp.per.values()),
+            "curve": [{k: v for k, v in p.summary().items() if k not in ("per_meta_task", "latency_ms_per_query")}
+                      for p in points]}
 
 
 def _adaptive_only(gp: GatePass, registry: dict, threshold: float, latency_ms: float) -> EvalResult:

@@ -61,6 +61,14 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
     d, o, a = (ev[k]["overall"] for k in ("direct", "oracle", "adaptive"))
     assert og is None if o <= d else abs(og - (a - d) / (o - d)) < 1e-9
     assert {"precision_vs_needs_reasoning", "recall_vs_needs_reasoning", "latency_ms_not_invoked", "curve"} <= set(gate)
+    choice = gate["threshold_choice"]  # each gate's threshold is the best of the sweep on the validation split
+    for model, mode in (("stage2", "adaptive"), ("stage1", "adaptive_stage1")):
+        c = choice[model]
+        assert c["split"] == "val" and c["n_queries"] == 6 * len(on_disk["world"]["datasets"])
+        best = max(p["overall"] for p in c["curve"])
+        assert c["threshold"] == max(p["threshold"] for p in c["curve"] if p["overall"] >= best - 1e-9)
+        assert ev[mode]["threshold"] == c["threshold"], mode
+    assert gate["threshold"] == choice["stage2"]["threshold"]
     rates = [p["invocation_rate"] for p in gate["curve"]]  # decreasing thresholds: non-decreasing invocation
     assert len(rates) == 3 and rates == sorted(rates)
     assert len(on_disk["stage2"]["reward_during_rl"]) == 2  # the smoke preset's GRPO steps

@@ -18,7 +18,7 @@ COMMITTED = foundation_dir() / "foundation.json"
 
 @pytest.mark.skipif(not COMMITTED.exists(), reason="no committed foundation model")
 @pytest.mark.xfail(strict=True, reason="the committed foundation was trained on toy-world-v2; `make foundation` on "
-                                        "toy-world-v3 has not been run (data/README.md)")
+                                        "toy-world-v4 has not been run (data/README.md)")
 def test_committed_foundation_matches_world_and_tokenizer():
     """Fails when the world generator or the tokenizer changes: rerun `make foundation` and commit."""
     backbone, meta = load_foundation(foundation_dir())

@@ -221,3 +221,13 @@ def test_retime_fixed_modes_takes_the_interleaved_stage1_timings():
     assert out["oracle"]["latency_ms_per_query"] == pytest.approx(10.0 + 0.25 * 100.0)
     assert out["adaptive"] == evals["adaptive"] and evals["always"]["latency_ms_per_query"] == 140.0  # no mutation
     assert retime_fixed_modes(evals, {"direct_ms": 1.0}) is evals                # no stage-1 timings: unchanged
+
+
+def test_the_threshold_chosen_on_validation_is_the_best_and_ties_go_to_the_highest():
+    from mmemb_lab.gate import SweepPoint, choose_threshold
+
+    def pt(t, overall):
+        return SweepPoint(t, 1 - t, None, None, overall, None, None, {}, 0.0, 0.0)
+
+    assert choose_threshold([pt(0.9, 60.0), pt(0.5, 64.0), pt(0.1, 62.0)]).threshold == 0.5
+    assert choose_threshold([pt(0.98, 64.0), pt(0.5, 64.0), pt(0.1, 63.0)]).threshold == 0.98

@@ -105,7 +105,7 @@ def test_harness_matches_evaluate_and_records_its_settings(backbone, small_world
     f = json.loads((tmp_path / "direct" / "toy_doc_score.json").read_text())
     assert {"hit@1", "hit@5", "hit@10", "ndcg_linear@1", "ndcg_linear@5", "ndcg_linear@10"} <= set(f)
     assert f["prompt"] == "user" and f["video_mode"] == backbone.video_mode and f["mode"] == "direct"
-    assert f["split_version"].startswith("toy-world-v3/seed3") and f["latency_ms_per_query"] > 0
+    assert f["split_version"].startswith("toy-world-v4/eval/seed3") and f["latency_ms_per_query"] > 0
     assert len((tmp_path / "direct" / "toy_cls_pred.jsonl").read_text().splitlines()) == f["n_queries"]
     summary = json.loads((tmp_path / "direct" / "results.json").read_text())
     assert summary["overall"] == res.overall and summary["missing"] == []

@@ -128,6 +128,20 @@ def test_cli_adaptive_on_the_toy_world_scores_as_evaluate_does(tiny_foundation, 
     assert "--threshold does not apply to --mode direct" in capsys.readouterr().err
 
 
+def test_cli_scores_the_validation_split_as_its_own_data(tiny_foundation, small_world, tmp_path, capsys):
+    """`--split val` scores the world's validation queries; it is another data identity than eval (a run
+    folder of one refuses the other), and MMEB-V2 has no such split."""
+    root, info = small_world
+    assert main(_toy_args(root, tiny_foundation, tmp_path / "val", "--split", "val")) == 0
+    for name in TOY:
+        preds = _preds(tmp_path / "val" / "direct", name)
+        assert len(preds) == info["datasets"][name]["n_val"], name
+    assert main(_toy_args(root, tiny_foundation, tmp_path / "val")) == 2  # eval into the val run: refused
+    capsys.readouterr()
+    assert main(["benchmark", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--split", "val"]) == 2
+    assert "no validation split" in capsys.readouterr().err
+
+
 def test_cli_oracle_is_the_better_of_the_cached_direct_and_always_runs(tiny_foundation, small_world, tmp_path,
                                                                        capsys):
     root, info = small_world

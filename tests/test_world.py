@@ -168,3 +168,45 @@ def test_query_text_does_not_tell_hard_from_easy_where_the_input_has_an_image(se
     visual = {k: r for k, r in rules.items() if r.visual_queries}
     assert len(visual) >= 4
     assert {k: round(r.accuracy, 2) for k, r in visual.items() if r.accuracy > 0.85} == {}
+
+
+def test_the_validation_split_is_disjoint_and_loads_like_eval(small_world):
+    """``<dataset>/val`` holds its own items (own streams, own pool for global tasks) in the eval layout: no
+    query of it repeats an evaluation query (text and visual) or a training query's visual, and
+    ``load_eval`` reads it."""
+    from mmemb_lab.data import load_eval, load_train
+
+    root, info = small_world
+    assert info["version"].endswith("v4")
+
+    def keys(split, name, eval_type):
+        es = load_eval(root, name, eval_type, strict=True, split=split)
+        return {(q.query.text, _visual_digest(q.query.visual)) for q in es.queries}, es
+
+    for name, d in info["datasets"].items():
+        val, es = keys("val", name, d["eval_type"])
+        ev, _ = keys("eval", name, d["eval_type"])
+        assert len(es.queries) == d["n_val"] == info["config"]["n_val"] > 0, name
+        assert all(q.needs_reasoning is not None for q in es.queries)
+        assert not val & ev, name
+        train = {_visual_digest(q.visual) for q, _, _ in load_train(root / name / "train")} - {None}
+        assert not {v for _, v in val} & train, name
+        if d["eval_type"] == "global":  # its own pool, not the evaluation's
+            assert (root / name / "val" / "corpus").is_dir()
+
+
+def test_a_world_without_validation_writes_none(tmp_path):
+    from mmemb_lab.data import DataError, load_eval
+
+    root = tmp_path / "w"
+    build_world(root, WorldConfig(seed=1, n_train=2, n_eval=3, n_val=0), progress=False)
+    assert not (root / "toy_cls" / "val").exists() and not (root / "toy_doc" / "val").exists()
+    with pytest.raises(DataError, match="val"):
+        load_eval(root, "toy_cls", "local", split="val")
+
+
+def _visual_digest(v) -> str | None:
+    if v is None:
+        return None
+    frames = v if isinstance(v, (list, tuple)) else [v]  # a loaded image, or a video's frames
+    return hashlib.sha256(b"".join(np.asarray(f).tobytes() for f in frames)).hexdigest()

@@ -9,6 +9,8 @@ Layout of a world folder (``worlds/<preset>-seed<k>/`` by default)::
                                     qry_inst, qry_text, qry_img_path, tgt_inst, tgt_text[], tgt_img_path[]
     <dataset>/{queries,corpus,qrels}/  global tasks, BEIR layout: query-id, query / corpus-id, image /
                                     query-id, corpus-id, score
+    <dataset>/val/                  the validation split in the same layout (local: eval schema; global:
+                                    val/{queries,corpus,qrels} with its own pool), disjoint item streams
     images/..., videos/<dataset>/<split>/<id>/frame_<t>.png
 
 Analysis-only columns (never shown to a model): ``labels`` (positive candidate indices; candidates are
@@ -28,7 +30,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import to_pil
+from ..data import eval_split_dir, to_pil
 from .scenes import Obj, Page, Scene, Video, random_page, random_video
 from .tasks import DATASETS, HARD_FRACTION, Item, item_rng, make_item, relevant
 
@@ -44,16 +46,21 @@ class WorldConfig:
     """Training pairs per dataset (MMEB-train schema)."""
     n_eval: int = 100
     """Evaluation queries per dataset (global tasks: also the pool size)."""
+    n_val: int = 50
+    """Validation queries per dataset, in the evaluation layout (``<dataset>/val``; global tasks with their
+    own pool), from their own item streams: settings chosen by measurement are chosen on these; the
+    evaluation split only reports."""
     hard_fraction: float = HARD_FRACTION
     """Share of hard (multi-hop) items; the world is meant to hold roughly 60-75% hard items."""
 
     def __post_init__(self):
-        if not 0 <= self.hard_fraction <= 1 or self.n_eval < 1 or self.n_train < 0:
+        if not 0 <= self.hard_fraction <= 1 or self.n_eval < 1 or self.n_train < 0 or self.n_val < 0:
             raise ValueError(f"invalid world config: {self}")
 
 
-WORLD_VERSION = "toy-world-v3"
-"""Bumped whenever items change for the same config (v2: decoy chains, near-miss videos in the pool)."""
+WORLD_VERSION = "toy-world-v4"
+"""Bumped whenever items change for the same config (v2: decoy chains, near-miss videos in the pool; v3: one
+wording for easy and hard visual items; v4: a validation split, train and eval items unchanged)."""
 
 
 class _Writer:
@@ -119,20 +126,21 @@ def _train_rows(name: str, cfg: WorldConfig, w: _Writer) -> dict[str, list]:
     return rows
 
 
-def _local_eval_rows(name: str, cfg: WorldConfig, w: _Writer) -> tuple[dict[str, list], list[Item]]:
+def _local_eval_rows(name: str, cfg: WorldConfig, w: _Writer, split: str = "eval",
+                     n: int | None = None) -> tuple[dict[str, list], list[Item]]:
     rows: dict[str, list] = {k: [] for k in ("qry_inst", "qry_text", "qry_img_path", "tgt_inst", "tgt_text",
                                               "tgt_img_path", "labels", "item_id", "needs_reasoning",
                                               "gold_steps", "answer")}
     items = []
-    for i in range(cfg.n_eval):
-        it = make_item(name, cfg.seed, "eval", i, cfg.hard_fraction)
+    for i in range(cfg.n_eval if n is None else n):
+        it = make_item(name, cfg.seed, split, i, cfg.hard_fraction)
         items.append(it)
         rows["qry_inst"].append(it.query_inst)
         rows["qry_text"].append(it.query_text)
-        rows["qry_img_path"].append(w.save(it.query_visual, _vis_rel(it, name, "eval", "", it.query_visual)))
+        rows["qry_img_path"].append(w.save(it.query_visual, _vis_rel(it, name, split, "", it.query_visual)))
         rows["tgt_inst"].append(it.target_inst)
         rows["tgt_text"].append([t for t, _ in it.candidates])
-        rows["tgt_img_path"].append([w.save(v, _vis_rel(it, name, "eval", f"_c{j}", v))
+        rows["tgt_img_path"].append([w.save(v, _vis_rel(it, name, split, f"_c{j}", v))
                                      for j, (_, v) in enumerate(it.candidates)])
         rows["labels"].append(list(it.labels))
         for k, v in _analysis(it).items():
@@ -140,15 +148,16 @@ def _local_eval_rows(name: str, cfg: WorldConfig, w: _Writer) -> tuple[dict[str,
     return rows, items
 
 
-def _global_eval_rows(name: str, cfg: WorldConfig, w: _Writer) -> tuple[dict[str, dict[str, list]], list[Item]]:
-    items = [make_item(name, cfg.seed, "eval", i, cfg.hard_fraction) for i in range(cfg.n_eval)]
+def _global_eval_rows(name: str, cfg: WorldConfig, w: _Writer, split: str = "eval",
+                      n: int | None = None) -> tuple[dict[str, dict[str, list]], list[Item]]:
+    items = [make_item(name, cfg.seed, split, i, cfg.hard_fraction) for i in range(cfg.n_eval if n is None else n)]
     corpus = {"corpus-id": [], "image": [], "tgt_inst": []}
     pool = []
     for it in items:  # each item's target, then its near misses (hard video retrieval)
         for j, target in enumerate((it.candidates[0][1], *it.meta.get("distractors", ()))):
             suffix = "_target" if j == 0 else f"_near{j}"
             corpus["corpus-id"].append(f"c-{it.item_id}" + ("" if j == 0 else f"-near{j}"))
-            corpus["image"].append(w.save(target, _vis_rel(it, name, "eval", suffix, target)))
+            corpus["image"].append(w.save(target, _vis_rel(it, name, split, suffix, target)))
             corpus["tgt_inst"].append(it.target_inst)
             pool.append(target)
     queries = {"query-id": [], "query": [], "qry_inst": [], "item_id": [], "needs_reasoning": [],
@@ -217,19 +226,25 @@ def build_world(root: str | Path, cfg: WorldConfig = WorldConfig(), progress: bo
     for name in tqdm(sorted(DATASETS), desc="world", disable=not progress):
         _, modality, meta_task, eval_type = DATASETS[name]
         _save(_train_rows(name, cfg, w), tmp / name / "train")
-        if eval_type == "local":
-            rows, items = _local_eval_rows(name, cfg, w)
-            _save(rows, tmp / name / "eval")
-            n_cand = len(items[0].candidates)
-        else:
-            parts, items = _global_eval_rows(name, cfg, w)
-            for part, rows in parts.items():
-                _save(rows, tmp / name / part)
-            n_cand = len(parts["corpus"]["corpus-id"])
+        for split, n in (("eval", cfg.n_eval), ("val", cfg.n_val)):
+            if n == 0:
+                continue
+            where = eval_split_dir(tmp, name, eval_type, split)
+            if eval_type == "local":
+                rows, split_items = _local_eval_rows(name, cfg, w, split, n)
+                _save(rows, where)
+                n_split_cand = len(split_items[0].candidates)
+            else:
+                parts, split_items = _global_eval_rows(name, cfg, w, split, n)
+                for part, rows in parts.items():
+                    _save(rows, where / part)
+                n_split_cand = len(parts["corpus"]["corpus-id"])
+            if split == "eval":
+                items, n_cand = split_items, n_split_cand
         info["datasets"][name] = {
             "modality": modality, "meta_task": meta_task, "eval_type": eval_type, "n_eval": len(items),
             "n_candidates": n_cand, "metric": "ndcg@5" if modality == "visdoc" else "hit@1",
-            "hard_fraction": sum(it.needs_reasoning for it in items) / len(items),
+            "hard_fraction": sum(it.needs_reasoning for it in items) / len(items), "n_val": cfg.n_val,
         }
     (tmp / "world.json").write_text(json.dumps(info, indent=1))
     if root.exists():  # empty, or the same world finished meanwhile by another writer

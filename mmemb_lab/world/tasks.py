@@ -420,7 +420,7 @@ DATASETS: dict[str, tuple[Callable, str, str, str]] = {
 
 def item_rng(seed: int, dataset: str, split: str, idx: int) -> np.random.Generator:
     """Independent stream per (seed, dataset, split, index): any item is reproducible on its own."""
-    key = [seed, sorted(DATASETS).index(dataset), {"train": 0, "eval": 1, "stream": 2}[split], idx]
+    key = [seed, sorted(DATASETS).index(dataset), {"train": 0, "eval": 1, "stream": 2, "val": 3}[split], idx]
     return np.random.default_rng(key)
 
 
