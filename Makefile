@@ -1,6 +1,6 @@
 # mmemb-lab: one entry point for the CPU workbench.
 #   make demo   SEED=0 OUT=runs/demo   toy world -> stage-0 foundation -> selection -> stage 1 -> stage 2 -> eval
-#   make test                          every test, notebooks included, under the tiny preset
+#   make test                          ruff, then every test, notebooks included, under the tiny preset
 #   make browser-test                  the notebooks in JupyterLab in headless Chromium (figures drawn offline)
 #   make figures RUN=runs/demo         the method's figures from a finished demo run, for print (figures/<run>/)
 # The venv is built from requirements-cpu.txt, which pins torch==2.13.0 (CPU) next to everything that
@@ -34,6 +34,7 @@ demo: $(MARKER)
 	$(OFFLINE) $(VPY) -m mmemb_lab demo --seed $(SEED) --out $(OUT)
 
 test: $(MARKER)
+	$(VPY) -m ruff check mmemb_lab tests notebooks
 	$(OFFLINE) $(VPY) -m pytest tests
 
 # Only the browser test: JupyterLab in headless Chromium (Debian's `chromium`), figures must draw offline;

@@ -155,10 +155,11 @@ def training_throughput(batch: int = 32, chunk: int = 8) -> dict:
 def foundation_throughput(steps: int = 4) -> dict:
     """Stage-0 optimiser steps/s of the tiny spec at the default batch sizes, every term on (descriptions
     and skills with the search-attention term, contrastive with bag of words), on this process's device."""
+    from transformers import PreTrainedTokenizerFast
+
     from .backbone import build_tiny
     from .foundation import FoundationConfig, Stage0, make_step_fn
     from .paths import foundation_dir
-    from transformers import PreTrainedTokenizerFast
 
     cfg = FoundationConfig()
     tok = PreTrainedTokenizerFast.from_pretrained(foundation_dir(), padding_side="left")

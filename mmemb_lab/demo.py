@@ -17,10 +17,20 @@ from pathlib import Path
 from .evaluate import evaluate
 from .figures import description_accuracy as description_figure
 from .figures import (
-    easy_hard_by_dataset, gain_by_worker, gain_scatter, gate_curve, gate_invocation, modes_easy_hard,
-    reasoning_headroom, rl_curves, save_figures, selection_outcome, stage1_curves,
+    easy_hard_by_dataset,
+    gain_by_worker,
+    gain_scatter,
+    gate_curve,
+    gate_invocation,
+    modes_easy_hard,
+    reasoning_headroom,
+    rl_curves,
+    save_figures,
+    selection_outcome,
+    stage1_curves,
 )
 from .foundation import description_accuracy, load_foundation, skill_accuracy, train_foundation
+from .inference import MAX_NEW_TOKENS
 from .paths import foundation_dir, worlds_dir
 from .presets import PRESETS, RunConfig
 from .runs import Manifest, RunFolder, file_digest
@@ -281,7 +291,7 @@ def run_arms(foundation: str, world_root: str, info: dict, selection_dir: str, o
 
     def args(name: str, rationales: str, full_eval: bool, only: str | None = None) -> tuple:
         return (foundation, *common, str(out / name), replace(cfg.stage1, rationales=rationales), seed,
-                cfg.world.hard_fraction, seed, threads, full_eval, cfg.latency_sample, 64, only)
+                cfg.world.hard_fraction, seed, threads, full_eval, cfg.latency_sample, MAX_NEW_TOKENS, only)
 
     here = [("selected", args("selected", "selected", True))]
     there = [("random_worker", args("random_worker", "random_worker", False))]

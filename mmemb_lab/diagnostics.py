@@ -30,7 +30,7 @@ import torch
 from .backbone import Backbone
 from .data import item_candidate, item_query, load_eval
 from .embed import Input, embed
-from .inference import generate_rationales
+from .inference import MAX_NEW_TOKENS, generate_rationales
 from .selection import swap_partners
 from .world.scenes import COLOURS, DIGITS, LETTERS, POSITIONS, SHAPES
 from .world.tasks import make_item
@@ -53,7 +53,7 @@ class RationaleDiagnostics:
     examples: list[dict]
 
 
-def rationale_diagnostics(backbone: Backbone, world_root, registry, max_new_tokens: int = 64,
+def rationale_diagnostics(backbone: Backbone, world_root, registry, max_new_tokens: int = MAX_NEW_TOKENS,
                           n_examples: int = 8) -> RationaleDiagnostics:
     """Generate the model's own rationales for the hard eval queries and measure them."""
     queries, golds, names = [], [], []

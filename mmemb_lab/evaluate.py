@@ -32,6 +32,7 @@ import torch
 from .backbone import Backbone
 from .data import EvalSet, load_eval
 from .embed import embed
+from .inference import LATENCY_SAMPLE
 from .metrics import aggregate, score_queries
 from .modes import QueryEncoder, direct_encoder  # noqa: F401 - one definition each, importable from here too
 from .modes import latency_ms as _latency
@@ -160,7 +161,7 @@ def score_set(es: EvalSet, q_emb: torch.Tensor, c_emb: torch.Tensor, metric: str
 
 def evaluate(backbone: Backbone, world_root: str | Path, registry: dict[str, DatasetInfo], mode: str = "direct",
              encoder: QueryEncoder | None = None, out_dir: str | Path | None = None, strict: bool = False,
-             latency_sample: int = 16, progress: bool = True) -> EvalResult:
+             latency_sample: int = LATENCY_SAMPLE, progress: bool = True) -> EvalResult:
     """Score every dataset of ``registry`` found under ``world_root``; optionally write per-dataset files."""
     from tqdm.auto import tqdm
 

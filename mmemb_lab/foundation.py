@@ -48,13 +48,11 @@ from . import distributed
 from .backbone import Backbone, TinySpec, build_tiny, load_backbone, reasoning_span, train_tokenizer
 from .contrastive import TEMPERATURE, info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
-from .embed import Input, base_model, collate, pool
+from .embed import Input, base_model, collate
 from .train import LoopConfig, atomic_write_text, run_loop
-from .world.scenes import ORDINALS, POSITIONS, TOKEN_CLASSES, Page, Scene, Video
-from .world.skills import (
-    cell_fact, describe_frame, describe_page, describe_scene, reason_chain, sample_skill, text_op,
-)
 from .world.build import WORLD_VERSION
+from .world.scenes import ORDINALS, POSITIONS, TOKEN_CLASSES, Page, Scene, Video
+from .world.skills import cell_fact, describe_frame, describe_page, describe_scene, reason_chain, sample_skill, text_op
 from .world.tasks import DATASETS, HARD_FRACTION, make_item, video_near_miss
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,16 @@ import torch
 
 from .backbone import EMB_TOKEN, THINK_OPEN, Backbone
 from .embed import Input, base_model, collate, embed, pool
-from .inference import Generated, cache_of, embed_after, rope_positions, write_spans
+from .inference import (
+    LATENCY_SAMPLE,
+    MAX_NEW_TOKENS,
+    THRESHOLD,
+    Generated,
+    cache_of,
+    embed_after,
+    rope_positions,
+    write_spans,
+)
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,7 @@ class GateRun:
 
 
 @torch.no_grad()
-def gate_and_spans(backbone: Backbone, inputs: Sequence[Input], threshold: float, max_new_tokens: int = 64,
+def gate_and_spans(backbone: Backbone, inputs: Sequence[Input], threshold: float, max_new_tokens: int = MAX_NEW_TOKENS,
                    batch_size: int = 32) -> GateRun:
     """The gate prefill for every input; inputs with ``p_open > threshold`` go on to write their span from
     the same prefill (:func:`continue_spans`). Re-embedding after the span is the caller's."""
@@ -182,8 +191,8 @@ class AdaptiveEncoder:
     """
 
     backbone: Backbone
-    threshold: float = 0.5
-    max_new_tokens: int = 64
+    threshold: float = THRESHOLD
+    max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 32
     generated_tokens: list[int] = field(default_factory=list)
     invoked: list[bool] = field(default_factory=list)
@@ -297,8 +306,8 @@ class GatePass:
     """Batched wall time per query (ms): "gate" (the prefill) and "reason" (per reasoned query)."""
 
 
-def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: float, max_new_tokens: int = 64,
-              batch_size: int = 32, latency_sample: int = 8, progress: bool = False, split: str = "eval") -> GatePass:
+def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: float, max_new_tokens: int = MAX_NEW_TOKENS,
+              batch_size: int = 32, latency_sample: int = LATENCY_SAMPLE, progress: bool = False, split: str = "eval") -> GatePass:
     """ONE pass over the evaluation sets (``split``: ``eval``, or the world's ``val`` queries): gate prefill for
     every query, a rationale and re-embedding for every query whose p_open exceeds ``min_threshold`` (all of
     them when it is below 0), and batch-1 timings of the gate and of the reasoning on the first
@@ -383,8 +392,8 @@ def choose_threshold(points: Sequence[SweepPoint]) -> SweepPoint:
     return max((p for p in points if p.overall >= best - 1e-9), key=lambda p: p.threshold)
 
 
-def sweep(backbone: Backbone, world_root, registry: dict, thresholds: Sequence[float], max_new_tokens: int = 64,
-          batch_size: int = 32, latency_sample: int = 8, progress: bool = False) -> list[SweepPoint]:
+def sweep(backbone: Backbone, world_root, registry: dict, thresholds: Sequence[float], max_new_tokens: int = MAX_NEW_TOKENS,
+          batch_size: int = 32, latency_sample: int = LATENCY_SAMPLE, progress: bool = False) -> list[SweepPoint]:
     """Accuracy, invocation rate and latency for every threshold, from ONE pass over the evaluation sets.
 
     Each query's gate score, direct embedding and (where it exceeds the smallest threshold) reasoned

@@ -66,8 +66,21 @@ from .embed import Input
 from .evaluate import mixed_cost, score_set
 from .metrics import aggregate
 from .mmeb import LazyVisual, MMEBSet, dataset_dir, load_dataset, resolve, split_version
-from .modes import (ENCODER_MODES, PROMPTS, Encoded, InferenceConfig, QueryEncoder, as_encoded, collate_prompted,
-                    direct_encoder, embed_prompted, encoder_for, latency_ms, render_prompt, settings_for)
+from .modes import (
+    ENCODER_MODES,
+    PROMPTS,
+    Encoded,
+    InferenceConfig,
+    QueryEncoder,
+    as_encoded,
+    collate_prompted,
+    direct_encoder,
+    embed_prompted,
+    encoder_for,
+    latency_ms,
+    render_prompt,
+    settings_for,
+)
 from .registry import DatasetInfo
 from .runs import Manifest, RunError, RunFolder, file_digest, weights_digest, world_digest
 from .train import atomic_torch_save, atomic_write_text

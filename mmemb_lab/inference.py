@@ -24,6 +24,15 @@ import torch
 from .backbone import THINK_CLOSE, THINK_OPEN, Backbone
 from .embed import Input, base_model, collate, embed
 
+MAX_NEW_TOKENS = 64
+"""Budget of one rationale (an unclosed span is closed for it), read by every mode, stage and worker; the toy
+world's longest gold chain is 45 tokens, so the budget cuts no gold-length chain short."""
+THRESHOLD = 0.5
+"""The adaptive gate's default threshold on p_open: the policy's own pick between its two legal first tokens,
+``<think>`` and ``<|emb|>`` (a run with a validation split chooses its own: ``stage2.threshold_on_val``)."""
+LATENCY_SAMPLE = 8
+"""Queries per dataset timed one at a time: 8 x the toy world's 8 datasets = 64 timed queries."""
+
 
 @dataclass
 class Generated:
@@ -101,7 +110,7 @@ def write_spans(backbone: Backbone, cache, mask: torch.Tensor, next_pos: torch.T
 
 
 @torch.no_grad()
-def generate_rationales(backbone: Backbone, inputs: Sequence[Input], max_new_tokens: int = 64,
+def generate_rationales(backbone: Backbone, inputs: Sequence[Input], max_new_tokens: int = MAX_NEW_TOKENS,
                         batch_size: int = 32) -> Generated:
     """Greedy rationales after a forced ``<think>``; stops at ``</think>`` (or the budget).
 
@@ -137,7 +146,7 @@ class ReasoningEncoder:
     """A query encoder for ``evaluate``: generate a rationale, then embed after it. Keeps token counts."""
 
     backbone: Backbone
-    max_new_tokens: int = 64
+    max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 32
     generated_tokens: list[int] = field(default_factory=list)
     unclosed: int = 0

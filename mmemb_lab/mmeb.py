@@ -81,8 +81,15 @@ from typing import Iterable, Sequence
 from PIL import Image
 
 from .data import (
-    BEIR_COLUMNS, N_VIDEO_FRAMES, TRAIN_COLUMNS, DataError, EvalQuery, EvalSet, natural_key, open_image,
-    sample_frame_indices, strip_placeholders,
+    BEIR_COLUMNS,
+    TRAIN_COLUMNS,
+    DataError,
+    EvalQuery,
+    EvalSet,
+    natural_key,
+    open_image,
+    sample_frame_indices,
+    strip_placeholders,
 )
 from .embed import Input
 from .registry import MMEB_V2, DatasetInfo

@@ -39,7 +39,7 @@ import torch
 from .backbone import EMB_TOKEN, Backbone, reasoning_span
 from .embed import Input, collate, embed, hidden_states, pool, prompt_text
 from .gate import AdaptiveEncoder
-from .inference import ReasoningEncoder
+from .inference import LATENCY_SAMPLE, MAX_NEW_TOKENS, THRESHOLD, ReasoningEncoder
 
 __all__ = ["MODES", "ENCODER_MODES", "PROMPTS", "InferenceConfig", "Encoded", "QueryEncoder", "as_encoded",
            "GeneratingEncoder", "direct_encoder", "encoder_for", "settings_for", "latency_ms", "render_prompt",
@@ -56,16 +56,14 @@ PROMPTS = ("user", "chat", "raw")
 class InferenceConfig:
     """What the query modes read at inference; ``mmemb-lab benchmark`` and ``Embedder`` build theirs from it."""
 
-    threshold: float = 0.5
-    """The adaptive gate reasons where p_open > threshold; 0.5 follows the policy's own pick between its two
-    legal first tokens, ``<think>`` and ``<|emb|>``."""
-    max_new_tokens: int = 64
-    """Budget of one rationale (an unclosed span is closed for it); the toy world's longest gold chain is 45
-    tokens, so the budget cuts no gold-length chain short."""
+    threshold: float = THRESHOLD
+    """The adaptive gate reasons where p_open > threshold (``inference.THRESHOLD``)."""
+    max_new_tokens: int = MAX_NEW_TOKENS
+    """Budget of one rationale (``inference.MAX_NEW_TOKENS``)."""
     batch_size: int = 32
     """Inputs per forward pass; embeddings do not depend on it (tests/test_backbone.py), only speed and memory."""
-    latency_sample: int = 8
-    """Queries per dataset timed one at a time: 8 x the toy world's 8 datasets = the demo's 64 timed queries."""
+    latency_sample: int = LATENCY_SAMPLE
+    """Queries per dataset timed one at a time (``inference.LATENCY_SAMPLE``)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.latency_sample < 0:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .finetune import FinetuneConfig
-from .selection import SelectionConfig
+from .inference import LATENCY_SAMPLE
 from .rl import RLConfig
+from .selection import SelectionConfig
 from .stage1 import Stage1Config
 from .stage2 import Stage2Config
 from .train import LoopConfig
@@ -40,7 +41,7 @@ class RunConfig:
     """Train the ablation arm in a second process at the same time (one thread each)."""
     description_items: int = 100
     """Held-out scenes, frames and pages each, to measure what the foundation model sees."""
-    latency_sample: int = 16
+    latency_sample: int = LATENCY_SAMPLE
     """Queries per dataset timed one at a time."""
 
     def to_dict(self) -> dict:
@@ -56,7 +57,7 @@ def tiny(seed: int = 0) -> RunConfig:
                      FinetuneConfig(loop=LoopConfig(steps=100, lr=2e-4, warmup=10, ckpt_every=25, seed=seed)),
                      SelectionConfig(n_per_dataset=192),  # 64: stage 1 memorised 512 pairs (direct hard -14)
                      Stage1Config(loop=LoopConfig(steps=160, lr=2e-4, warmup=20, ckpt_every=40, seed=seed),
-                                  hard_negatives=2), latency_sample=8)
+                                  hard_negatives=2), latency_sample=LATENCY_SAMPLE)
 
 
 def smoke(seed: int = 0) -> RunConfig:

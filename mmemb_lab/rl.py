@@ -75,6 +75,7 @@ import torch
 
 from .backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN, Backbone
 from .embed import Input, storyboard
+from .inference import THRESHOLD
 from .rewards import PairTargets, RewardConfig, reward_functions
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ class RLConfig:
     """Reward constants (``mmemb_lab.rewards``)."""
     probe_every: int = 10
     """Measure the gate's invocation rate on the probe set every this many steps (and at 0 and the end)."""
-    probe_threshold: float = 0.5
+    probe_threshold: float = THRESHOLD
     """Gate threshold for the probe's invocation rate."""
     embed_batch_size: int = 32
     """Batch size of the reward's and probe's embedding passes."""
@@ -293,7 +294,7 @@ class RLResult:
 
 
 def probe_invocation(backbone: Backbone, inputs: Sequence[Input], hard: Sequence[bool | None] | None = None,
-                     threshold: float = 0.5, batch_size: int = 32) -> dict:
+                     threshold: float = THRESHOLD, batch_size: int = 32) -> dict:
     """The gate's invocation statistics on ``inputs`` (one prefill each): overall, easy and hard."""
     from .gate import gate_forward
 

@@ -46,7 +46,7 @@ import torch
 
 from .backbone import Backbone
 from .contrastive import TEMPERATURE, log_prob_positive
-from .data import candidate_key, item_candidates, item_query
+from .data import item_candidates, item_query
 from .embed import Input, embed
 from .workers import Rationale, states_gold_facts, step_accuracy
 from .world.tasks import Item

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ from .backbone import EMB_TOKEN, THINK_OPEN, Backbone, reasoning_span
 from .contrastive import TEMPERATURE, info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
+from .inference import LATENCY_SAMPLE, MAX_NEW_TOKENS
 from .runs import Manifest, RunFolder, weights_digest
 from .train import LoopConfig, LoopResult, run_loop
 from .world.tasks import Item, make_item
@@ -344,7 +345,7 @@ def train_stage1(backbone: Backbone, data: list[tuple[Item, str | None]], out_di
 
 def run_arm(foundation: str, world_root: str, registry_info: dict, selection_dir: str, out_dir: str,
             cfg: Stage1Config, world_seed: int, hard_fraction: float, seed: int = 0, threads: int | None = None,
-            full_eval: bool = True, latency_sample: int = 16, max_new_tokens: int = 64,
+            full_eval: bool = True, latency_sample: int = LATENCY_SAMPLE, max_new_tokens: int = MAX_NEW_TOKENS,
             only: str | None = None) -> dict:
     """One arm of stage 1 from the foundation checkpoint: train, then measure (also runs in a subprocess).
 
@@ -353,8 +354,8 @@ def run_arm(foundation: str, world_root: str, registry_info: dict, selection_dir
     ``only="direct"`` / ``"always"``: a baseline arm, evaluated in its own mode only (model saved)."""
     import time
 
-    from .evaluate import combine_oracle, evaluate
     from .diagnostics import rationale_diagnostics
+    from .evaluate import combine_oracle, evaluate
     from .foundation import load_foundation
     from .inference import ReasoningEncoder
     from .train import atomic_write_text, read_metrics

@@ -36,7 +36,7 @@ from .data import eval_split_dir
 from .embed import embed
 from .evaluate import EvalResult, eval_result, mixed_cost
 from .gate import AdaptiveEncoder, GatePass, choose_threshold, gate_pass, gate_precision_recall, sweep_points
-from .inference import ReasoningEncoder
+from .inference import LATENCY_SAMPLE, MAX_NEW_TOKENS, THRESHOLD, ReasoningEncoder
 from .rl import RLConfig, read_rl_run, toy_rl_pairs, train_rl
 from .train import atomic_write_text
 
@@ -57,20 +57,20 @@ class Stage2Config:
     """RL training queries per toy dataset (``train`` split, after the rows stage 1 used)."""
     probe_per_dataset: int = 8
     """Held-out training-split queries per dataset on which the invocation rate is tracked during RL."""
-    threshold: float = 0.5
+    threshold: float = THRESHOLD
     """The gate's threshold on p_open where the world has no validation split; with one, each gate's
     threshold is the best of ``thresholds`` on it (:func:`gate.choose_threshold`)."""
     thresholds: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
     """The sweep's thresholds (``gate.curve``), also the candidates of the validation choice. Up to 0.995
     because GRPO pushes p_open towards 1 (docs/research-log.md, Stage 2: the threshold chosen on validation)."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = MAX_NEW_TOKENS
     """Generation budget of a rationale at inference."""
     train_offset: int = 5000
     """First ``train``-split index of the RL queries (stage 1 trained on indices below ``n_train``)."""
 
 
 def reference_latency(backbone: Backbone, inputs: list, adaptive: AdaptiveEncoder,
-                      max_new_tokens: int = 64, stage1: Backbone | None = None,
+                      max_new_tokens: int = MAX_NEW_TOKENS, stage1: Backbone | None = None,
                       extra: dict[str, Callable] | None = None) -> dict:
     """Time each input alone as direct, always and adaptive, interleaved (after one warm-up of each); with
     ``stage1``, that model's direct and always modes too (``stage1_direct_ms`` / ``stage1_always_ms``), in the
@@ -194,7 +194,7 @@ def mode_results(gp: GatePass, registry: dict, threshold: float, lat: dict) -> d
 
 
 def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: str | Path, cfg: Stage2Config,
-               world_seed: int, hard_fraction: float, seed: int = 0, latency_sample: int = 8,
+               world_seed: int, hard_fraction: float, seed: int = 0, latency_sample: int = LATENCY_SAMPLE,
                progress: bool = True, baselines: dict[str, tuple[str | Path, str]] | None = None) -> dict:
     """GRPO from the stage-1 model (skipped when ``out_dir/model`` exists: a killed run resumes after it),
     then every measurement of ``eval.adaptive`` and ``gate``. Returns {"eval": {...}, "gate": {...},

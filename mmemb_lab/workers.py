@@ -48,6 +48,7 @@ import numpy as np
 
 from .backbone import THINK_CLOSE, THINK_OPEN, Backbone
 from .embed import Input, collate
+from .inference import MAX_NEW_TOKENS
 from .world.scenes import POSITIONS
 from .world.tasks import Item
 
@@ -190,7 +191,7 @@ class WorkerSpec:
     """Local path or Hub id of any Qwen-VL checkpoint (``backbone.load_backbone``)."""
     prompt: str = DEFAULT_PROMPT
     """Appended to the query's instruction; the assistant turn is opened with ``<think>``."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     do_sample: bool = True

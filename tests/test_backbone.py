@@ -92,8 +92,8 @@ def test_checkpoint_of_another_architecture_is_refused(make_backbone, tmp_path):
 
 def test_real_checkpoint_gets_our_tokens_and_resized_embeddings(make_backbone, tmp_path):
     """A checkpoint whose tokenizer lacks <|emb|> (as a real Qwen3-VL's does) is extended on load."""
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

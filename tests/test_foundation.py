@@ -1,13 +1,17 @@
 """Stage 0: the committed foundation model matches the current world and tokenizer, and it sees."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
 
 from mmemb_lab.foundation import (
-    Stage0, answer_labels, description_accuracy, load_foundation, score_page_text, score_scene_text,
+    Stage0,
+    answer_labels,
+    description_accuracy,
+    load_foundation,
+    score_page_text,
+    score_scene_text,
     world_fingerprint,
 )
 from mmemb_lab.paths import foundation_dir

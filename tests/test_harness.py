@@ -6,8 +6,6 @@ import re
 
 import numpy as np
 import pytest
-
-from mmemb_lab.runs import RunMismatch
 import torch
 
 from mmemb_lab import distributed, harness
@@ -17,6 +15,7 @@ from mmemb_lab.evaluate import evaluate, score_set
 from mmemb_lab.harness import Encoded, HarnessConfig, MMEBSource, ToySource, run_benchmark
 from mmemb_lab.metrics import score_queries
 from mmemb_lab.registry import MMEB_V2
+from mmemb_lab.runs import RunMismatch
 from mmemb_lab.world.build import toy_registry
 from tests.test_mmeb import FIXTURE_DATASETS, write_mmeb
 

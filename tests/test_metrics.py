@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 
 from mmemb_lab.metrics import (
-    Aggregate, QueryScores, aggregate, hit_at_k, ndcg_at_k, percent, rank_candidates, score_queries,
+    Aggregate,
+    QueryScores,
+    aggregate,
+    hit_at_k,
+    ndcg_at_k,
+    percent,
+    rank_candidates,
+    score_queries,
 )
-from mmemb_lab.registry import MMEB_V2, META_TASKS, DatasetInfo
-
+from mmemb_lab.registry import META_TASKS, MMEB_V2, DatasetInfo
 
 # ---------------------------------------------------------------- ranking and tie-breaking
 

@@ -8,7 +8,7 @@ import pytest
 
 from mmemb_lab import report
 from mmemb_lab.paths import data_dir
-from mmemb_lab.registry import MMEB_V2, META_TASKS
+from mmemb_lab.registry import META_TASKS, MMEB_V2
 
 
 def _scores(seed=0):

@@ -8,8 +8,19 @@ import torch
 from mmemb_lab.contrastive import log_prob_positive
 from mmemb_lab.embed import Input, embed
 from mmemb_lab.rewards import (
-    CostReward, FormatReward, PairTargets, RewardConfig, SpanTokens, UtilityGapReward, cost_reward,
-    format_reward, parse_completion, reward_functions, total_reward, utility_gap, utility_reward,
+    CostReward,
+    FormatReward,
+    PairTargets,
+    RewardConfig,
+    SpanTokens,
+    UtilityGapReward,
+    cost_reward,
+    format_reward,
+    parse_completion,
+    reward_functions,
+    total_reward,
+    utility_gap,
+    utility_reward,
 )
 
 CFG = RewardConfig(cost_per_token=0.1, cost_per_invocation=0.5, format_penalty=2.0)

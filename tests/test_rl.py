@@ -10,8 +10,15 @@ from mmemb_lab.data import item_query
 from mmemb_lab.embed import collate
 from mmemb_lab.rewards import RewardConfig, SpanTokens, parse_completion, reward_functions
 from mmemb_lab.rl import (
-    RLConfig, group_advantages, make_processor, probe_invocation, prompt_messages, read_rl_run, rl_dataset,
-    toy_rl_pairs, train_rl,
+    RLConfig,
+    group_advantages,
+    make_processor,
+    probe_invocation,
+    prompt_messages,
+    read_rl_run,
+    rl_dataset,
+    toy_rl_pairs,
+    train_rl,
 )
 from mmemb_lab.world.tasks import make_item
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmemb_lab.selection import TAU, Pair, random_worker, score_pairs, select, swap_partners
 from mmemb_lab.embed import Input
+from mmemb_lab.selection import TAU, Pair, random_worker, score_pairs, select, swap_partners
 from mmemb_lab.workers import FORMAT_ONLY_TEXT, Rationale
 from mmemb_lab.world.tasks import make_item
 

@@ -111,7 +111,6 @@ def test_length_buckets_give_the_one_batch_step(make_backbone):
 def test_bucketed_batches_equal_collating_each_bucket_alone(make_backbone):
     """One collate for all rows, then per-bucket views: the same tensors as collating each bucket's rows
     on their own (images, frame sequences and text-only rows mixed; with and without assistant turns)."""
-    import torch
 
     from mmemb_lab.embed import collate
     from mmemb_lab.stage1 import assistant_target, bucketed_batches
@@ -133,10 +132,9 @@ def test_bucketed_batches_equal_collating_each_bucket_alone(make_backbone):
 def test_a_stage1_checkpoint_is_resumed_only_by_the_run_that_wrote_it(make_backbone, tmp_path):
     import pytest
 
+    from mmemb_lab.runs import RunMismatch
     from mmemb_lab.stage1 import train_stage1
     from mmemb_lab.train import LoopConfig
-
-    from mmemb_lab.runs import RunMismatch
 
     data = [(make_item(n, 0, "train", i, 0.5), None) for n in ("toy_qa", "toy_cls") for i in range(2)]
     cfg = Stage1Config(loop=LoopConfig(steps=2, lr=1e-4, warmup=1, ckpt_every=1), batch_size=2)

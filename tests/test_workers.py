@@ -1,12 +1,19 @@
 """Workers (the simulated prior): known toy behaviours, span-aware parsing, resumable sharded generation."""
 
-import numpy as np
 import pytest
 
 from mmemb_lab.data import item_query
 from mmemb_lab.workers import (
-    FORMAT_ONLY_TEXT, TOY_WORKERS, HFWorker, WorkerSpec, generate_candidates, load_candidates, parse_output,
-    states_gold_facts, step_accuracy, toy_rationales,
+    FORMAT_ONLY_TEXT,
+    TOY_WORKERS,
+    HFWorker,
+    WorkerSpec,
+    generate_candidates,
+    load_candidates,
+    parse_output,
+    states_gold_facts,
+    step_accuracy,
+    toy_rationales,
 )
 from mmemb_lab.world.tasks import DATASETS, make_item
 

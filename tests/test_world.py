@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from mmemb_lab.world.build import WorldConfig, build_world
 from mmemb_lab.world.scenes import POSITIONS, Scene, render_scene
 from mmemb_lab.world.tasks import DATASETS, N_LOCAL_CANDIDATES, follow_chain, make_item, relevant
-from mmemb_lab.world.build import WorldConfig, build_world
 
 
 def _tree_digest(root):

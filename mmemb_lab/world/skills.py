@@ -21,8 +21,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .scenes import (
-    COLOURS, DIRECTIONS, LETTERS, POSITIONS, SHAPES, Page, Scene, Video, colour_after, letter_after,
-    random_page, random_scene, random_video, step,
+    COLOURS,
+    DIRECTIONS,
+    LETTERS,
+    POSITIONS,
+    SHAPES,
+    Page,
+    Scene,
+    Video,
+    colour_after,
+    letter_after,
+    random_page,
+    random_scene,
+    random_video,
+    step,
 )
 from .tasks import DATASETS, obj_at, video_scene_chain
 

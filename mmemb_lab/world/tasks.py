@@ -36,8 +36,21 @@ from typing import Callable, Union
 import numpy as np
 
 from .scenes import (
-    COLOURS, LETTERS, POSITIONS, SHAPES, Event, Obj, Page, Scene, Video, colour_after, letter_after,
-    random_obj, random_page, random_scene, step,
+    COLOURS,
+    LETTERS,
+    POSITIONS,
+    SHAPES,
+    Event,
+    Obj,
+    Page,
+    Scene,
+    Video,
+    colour_after,
+    letter_after,
+    random_obj,
+    random_page,
+    random_scene,
+    step,
 )
 
 Visual = Union[Scene, Video, Page, Obj, None]
