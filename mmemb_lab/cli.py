@@ -83,7 +83,7 @@ def _foundation(a) -> None:
 
 
 def _load(a):
-    from .backbone import lora_config, load_backbone
+    from .backbone import load_backbone, lora_config
     from .paths import foundation_dir
 
     return load_backbone(a.backbone or foundation_dir(), lora=lora_config() if getattr(a, "lora", False) else None)
@@ -177,7 +177,7 @@ def _figures(a) -> None:
         figs = paper_figures(run)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
-    paths = save_figures(figs, out, run=run.resolve().name, png=not a.no_png, png_scale=3.0)
+    paths = save_figures(figs, out, run=run.resolve().name, png=not a.no_png, png_scale=3.0, pdf=not a.no_png)
     print(f"wrote {len(paths)} figure(s) from {run} to {out}: {', '.join(sorted(paths))}")
 
 

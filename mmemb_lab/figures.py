@@ -85,8 +85,10 @@ def find_browser() -> str | None:
 
 
 def save_figures(figs: dict[str, go.Figure], directory: str | Path | None = None, run: str | None = None,
-                 timeout_s: float = 180.0, png: bool = True, png_scale: float = 1.0) -> dict[str, Path]:
-    """Write ``<directory>/<name>.html`` for every figure, then every ``<name>.png`` in ONE browser session.
+                 timeout_s: float = 180.0, png: bool = True, png_scale: float = 1.0,
+                 pdf: bool = False) -> dict[str, Path]:
+    """Write ``<directory>/<name>.html`` for every figure, then every ``<name>.png`` (and with ``pdf``, every
+    ``<name>.pdf``) in ONE browser session.
 
     Each figure is stamped with ``run``. The HTML files are the record and are always written (one
     ``plotly.min.js`` per folder, so they open offline). The PNGs are optional: kaleido starts one
@@ -96,7 +98,8 @@ def save_figures(figs: dict[str, go.Figure], directory: str | Path | None = None
     from an earlier run is removed first, so a PNG on disk always matches its HTML.
 
     Returns the HTML path per name. ``directory`` defaults to ``paths.figures_dir()``. ``png=False`` writes
-    the HTML files only; ``png_scale`` multiplies the PNGs' pixel size (3 for print).
+    the HTML files only; ``png_scale`` multiplies the PNGs' pixel size (3 for print). The PDFs are vector
+    files for a paper (they need the PNG export's browser; ``png=False`` writes neither).
     """
     out = Path(directory) if directory is not None else figures_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -108,14 +111,16 @@ def save_figures(figs: dict[str, go.Figure], directory: str | Path | None = None
         fig.write_html(tmp, include_plotlyjs="directory")  # one plotly.min.js per folder, works offline
         tmp.replace(path)
         paths[name] = path
-        (out / f"{name}.png").unlink(missing_ok=True)
+        for ext in ("png", "pdf"):
+            (out / f"{name}.{ext}").unlink(missing_ok=True)
     if stamped and png:
-        _write_pngs(stamped, out, timeout_s, png_scale)
+        _write_static(stamped, out, timeout_s, png_scale, ("png", "pdf") if pdf else ("png",))
     return paths
 
 
-def _write_pngs(figs: dict[str, go.Figure], out: Path, timeout_s: float, scale: float = 1.0) -> None:
-    """Every figure as ``out/<name>.png`` from one kaleido session, or a WARNING saying why not."""
+def _write_static(figs: dict[str, go.Figure], out: Path, timeout_s: float, scale: float = 1.0,
+                  formats: tuple[str, ...] = ("png",)) -> None:
+    """Every figure as ``out/<name>.<format>`` from one kaleido session, or a WARNING saying why not."""
     import asyncio
     import tempfile
     import threading
@@ -133,7 +138,9 @@ def _write_pngs(figs: dict[str, go.Figure], out: Path, timeout_s: float, scale: 
         return
     t0 = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=".png-", dir=out))  # kaleido claims a file before drawing it
-    specs = [{"fig": fig, "path": staging / f"{name}.png", "opts": {"format": "png", "scale": scale}} for name, fig in figs.items()]
+    specs = [{"fig": fig, "path": staging / f"{name}.{fmt}",
+              "opts": {"format": fmt, **({"scale": scale} if fmt == "png" else {})}}
+             for fmt in formats for name, fig in figs.items()]
 
     async def export():
         async with kaleido.Kaleido(path=browser, n=1, timeout=timeout_s, mathjax=False) as k:
@@ -168,11 +175,11 @@ def _write_pngs(figs: dict[str, go.Figure], out: Path, timeout_s: float, scale: 
             if src.is_file() and src.stat().st_size > 0:
                 src.replace(out / src.name)
             else:
-                missing.append(src.stem)
+                missing.append(src.name)
         if missing:
-            log.warning("no PNG for %s in %s (the HTML files are written)", ", ".join(missing), out)
-        log.info("%d of %d PNG(s) written to %s in %.1f s (one browser session)", len(specs) - len(missing),
-                 len(specs), out, time.perf_counter() - t0)
+            log.warning("no %s in %s (the HTML files are written)", ", ".join(missing), out)
+        log.info("%d of %d %s file(s) written to %s in %.1f s (one browser session)", len(specs) - len(missing),
+                 len(specs), "/".join(f.upper() for f in formats), out, time.perf_counter() - t0)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -304,6 +311,31 @@ MODE_ORDER = ("stage0_direct", "baseline_direct", "baseline_always", "direct", "
               "oracle")
 
 
+def worker_gains(gains: list[dict], chosen: list[dict]) -> go.Figure:
+    """Per worker: the removal gain of its candidates on easy and hard training pairs (left), and the share
+    of pairs whose selected rationale it wrote, or none (right). ``gains`` and ``chosen`` are the rows of a
+    run's ``selection/gains.jsonl`` and ``selection/stage1_set.jsonl``."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.16,
+                        subplot_titles=("removal gain of each candidate", "selected rationales by worker"))
+    workers = list(dict.fromkeys(r["worker"] for r in gains))
+    for hard, colour in ((False, EASY), (True, HARD)):
+        rows = [r for r in gains if r["needs_reasoning"] == hard and r["status"] == "ok"]
+        fig.add_box(x=[r["worker"] for r in rows], y=[r["gain_removal"] for r in rows], name="hard" if hard else "easy",
+                    marker_color=colour, boxpoints=False, row=1, col=1)
+    n = max(1, len(chosen))
+    names = workers + ["none"]
+    share = [sum((c["worker"] or "none") == w for c in chosen) / n for w in names]
+    fig.add_bar(x=names, y=share, marker_color=[WORKER_COLOURS.get(w, "#888888") for w in names], showlegend=False,
+                row=1, col=2)
+    fig.update_layout(boxmode="group", title="Selection: what each worker's rationales gain, who is kept",
+                      template="plotly_white")
+    fig.update_yaxes(title_text="log p(t+) with r - without", row=1, col=1)
+    fig.update_yaxes(title_text="share of pairs", range=[0, 1], row=1, col=2)
+    return fig
+
+
 def modes_easy_hard(evals: dict) -> go.Figure:
     """Overall / easy / hard score of every inference mode (from summary.json's ``eval``)."""
     modes = [m for m in MODE_ORDER if m in evals]
@@ -392,10 +424,13 @@ def reasoning_headroom(stage0: dict, selection: dict, gate: dict | None = None) 
     return fig
 
 
-def gate_curve(curve: list[dict], chosen: float | None = None, val_curve: list[dict] | None = None) -> go.Figure:
+def gate_curve(curve: list[dict], chosen: float | None = None, val_curve: list[dict] | None = None,
+               modes: dict | None = None) -> go.Figure:
     """Threshold sweep: accuracy against invocation rate and against latency, paper optimum marked; with
     ``val_curve``, the validation split's overall score beside the evaluation's, and ``chosen`` (the threshold
-    picked on validation) ringed on the evaluation curve."""
+    picked on validation) ringed on the evaluation curve. ``modes`` (summary.json's ``eval``) adds the fixed
+    modes, the trained baselines, the stage-1 gate and the oracle as points (their latency is timed at batch
+    size 1 in one interleaved loop, the sweep's on a per-dataset sample: the same machine, another sample)."""
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs invocation rate", "accuracy vs latency"))
@@ -417,12 +452,26 @@ def gate_curve(curve: list[dict], chosen: float | None = None, val_curve: list[d
             fig.add_scatter(x=[at[0][key]], y=[at[0]["overall"]], mode="markers", name=f"chosen on validation "
                             f"(t={chosen})", showlegend=col == 1, row=1, col=col,
                             marker={"symbol": "circle-open", "size": 16, "color": "black", "line": {"width": 2}})
+    for name, symbol in (("direct", "square"), ("always", "diamond"), ("baseline_direct", "square-open"),
+                         ("baseline_always", "diamond-open"), ("adaptive_stage1", "triangle-up"), ("oracle", "star")):
+        m = (modes or {}).get(name)
+        if not m:
+            continue
+        inv = {"direct": 0.0, "baseline_direct": 0.0, "always": 1.0, "baseline_always": 1.0}.get(
+            name, m.get("invocation_rate", m.get("reasoning_share")))
+        style = {"mode": "markers", "legendgroup": name, "marker": {"symbol": symbol, "size": 11, "color": "black"}}
+        if inv is not None:
+            fig.add_scatter(x=[inv], y=[m["overall"]], name=name, row=1, col=1, **style)
+        fig.add_scatter(x=[m["latency_ms_per_query"]], y=[m["overall"]], name=name, row=1, col=2,
+                        showlegend=inv is None, **style)
     fig.add_vline(x=PAPER_INVOCATION, line_dash="dash", line_color="black", row=1, col=1,
-                  annotation_text="paper's optimum (~74%)")
+                  annotation_text="paper's best rate (~74%, its model)", annotation_position="bottom left",
+                  annotation_font_size=11)
     fig.update_xaxes(title_text="invocation rate", range=[-0.02, 1.02], row=1, col=1)
     fig.update_xaxes(title_text="latency per query (ms, batch 1)", row=1, col=2)
     fig.update_yaxes(title_text="score (%)", row=1, col=1)
-    fig.update_layout(title="Adaptive gate: threshold sweep", template="plotly_white")
+    fig.update_layout(title="Adaptive gate: threshold sweep", template="plotly_white",
+                      legend={"font": {"size": 11}, "tracegroupgap": 0})
     return fig
 
 
@@ -455,15 +504,43 @@ def rl_curves(history: list[dict], invocation: list[dict]) -> go.Figure:
 def print_style(fig: go.Figure) -> go.Figure:
     """A copy of ``fig`` for a paper: white template, larger type, a fixed 7 x 4.4 inch box (at 100 dpi)."""
     out = go.Figure(fig)
+    two_panels = "xaxis2" in out.layout and out.layout.xaxis2.domain is not None
     out.update_layout(template="simple_white", font={"family": "Arial, Helvetica, sans-serif", "size": 15},
-                      width=700, height=440, margin={"l": 70, "r": 20, "t": 60, "b": 90})
+                      width=1000 if two_panels else 700, height=500 if two_panels else 440, margin={"l": 70, "r": 20, "t": 60, "b": 90}, colorway=OKABE_ITO)
     return out
 
 
-def paper_figures(run: str | Path) -> dict[str, go.Figure]:
-    """Every method figure a demo run supports, rebuilt from ``<run>/summary.json`` and the stage-1
-    ``metrics.jsonl`` files (never from typed numbers), in print style. Raises FileNotFoundError naming
-    the file when ``run`` is not a finished demo run."""
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
+"""Colour-blind-safe palette (Okabe and Ito) for traces that set no colour of their own in print."""
+
+
+def attribution_examples(run: Path, summary: dict, n_steps: int = 32) -> dict[str, go.Figure]:
+    """Which words of a gold rationale and which patches of the query image the match rests on, for the first
+    hard ``toy_qa`` evaluation item of the run's world, on the run's stage-1 model (``mmemb_lab.attribution``);
+    empty when the run has no stage-1 model."""
+    from .attribution import explain_item, patch_figure, token_figure
+    from .backbone import load_backbone
+    from .world.tasks import make_item
+
+    model = run / "stage1" / "selected" / "model"
+    if not (model / "mmemb_backbone.json").is_file():
+        return {}
+    cfg = summary["world"]["config"]
+    item = next(it for it in (make_item("toy_qa", cfg["seed"], "eval", i, cfg["hard_fraction"]) for i in range(10_000))
+                if it.needs_reasoning)
+    tokens, patches = explain_item(load_backbone(model), item, n_steps=n_steps)
+    out = {"attribution_tokens": token_figure(tokens, title=f"Attribution of s(e(q + r), e(t+)) to the rationale's "
+                                                           f"words ({item.item_id}, stage-1 model)")}
+    if patches is not None:
+        out["attribution_patches"] = patch_figure(patches, title=f"... and to the query image's patches ({item.item_id})")
+    return out
+
+
+def paper_figures(run: str | Path, attribution: bool = True) -> dict[str, go.Figure]:
+    """Every method figure a demo run supports, rebuilt from ``<run>/summary.json``, the selection's and
+    stage 1's files (never from typed numbers), in print style; with ``attribution``, the attribution
+    examples computed on the run's stage-1 model (:func:`attribution_examples`, seconds on a CPU). Raises
+    FileNotFoundError naming the file when ``run`` is not a finished demo run."""
     import json
 
     from .train import read_metrics
@@ -481,13 +558,19 @@ def paper_figures(run: str | Path) -> dict[str, go.Figure]:
         figs["reasoning_headroom"] = reasoning_headroom(ev["stage0_direct"], s["selection"], s.get("gate"))
     if "gate" in s:
         choice = s["gate"].get("threshold_choice", {}).get("stage2", {})
-        figs["gate_curve"] = gate_curve(s["gate"]["curve"], s["gate"]["threshold"], choice.get("curve"))
+        figs["gate_curve"] = gate_curve(s["gate"]["curve"], s["gate"]["threshold"], choice.get("curve"), ev)
         if "adaptive" in ev:
             figs["gate_invocation"] = gate_invocation(ev["adaptive"], s["gate"])
     if "stage2" in s:
         figs["rl_curves"] = rl_curves(s["stage2"]["reward_during_rl"], s["stage2"]["invocation_during_rl"])
+    sel = run / "selection"
+    if (sel / "gains.jsonl").is_file() and (sel / "stage1_set.jsonl").is_file():
+        read = lambda f: [json.loads(line) for line in (sel / f).read_text().splitlines() if line]  # noqa: E731
+        figs["selection_by_worker"] = worker_gains(read("gains.jsonl"), read("stage1_set.jsonl"))
     arms = {a: read_metrics(run / "stage1" / a / "train") for a in ("selected", "random_worker")
             if (run / "stage1" / a / "train" / "metrics.jsonl").is_file()}
     if arms:
         figs["stage1_curves"] = stage1_curves(arms)
+    if attribution:
+        figs.update(attribution_examples(run, s))
     return {name: print_style(fig) for name, fig in figs.items()}

@@ -29,7 +29,8 @@ from mmemb_lab.paths import runs_dir
 NOTEBOOK_DIR = Path(__file__).parent.parent / "notebooks"
 # the notebooks with figures or widgets that a browser must draw, and how many plotly figures each shows at least
 # under the tiny preset; the others (and these) run under nbclient in tests/test_notebooks.py
-FIGURES = {"00_quickstart.ipynb": 1, "03_counterfactual_gains.ipynb": 3, "05_adaptive_gate.ipynb": 2}
+FIGURES = {"00_quickstart.ipynb": 1, "03_counterfactual_gains.ipynb": 3, "05_adaptive_gate.ipynb": 2,
+           "07_paper_figures.ipynb": 6}
 RUN_TIMEOUT_S = 900  # one notebook, as in test_notebooks.py
 REQUIRE = os.environ.get("MMEMB_REQUIRE_BROWSER") == "1"
 
@@ -74,6 +75,7 @@ def lab(tmp_path_factory):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMEMB_WORLDS": str(root / ".worlds"), "MMEMB_RUNS": str(root / ".runs"),
+           "MMEMB_FIGURES": str(root / ".figures"),
            "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"),
            "JUPYTER_CONFIG_DIR": str(root / ".config"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
     port, token = _free_port(), os.urandom(12).hex()

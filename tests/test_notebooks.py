@@ -31,6 +31,7 @@ def test_notebook_executes(path, tmp_path):
     env_before = os.environ.get("MMEMB_WORLDS")
     os.environ["MMEMB_WORLDS"] = str(tmp_path / "worlds")  # generated worlds stay out of the checkout
     os.environ["MMEMB_RUNS"] = str(tmp_path / "runs")
+    os.environ["MMEMB_FIGURES"] = str(tmp_path / "figures")  # notebook 07's exports too
     try:
         NotebookClient(nb, timeout=900, kernel_name="python3",
                        resources={"metadata": {"path": str(path.parent)}}).execute()
@@ -38,3 +39,4 @@ def test_notebook_executes(path, tmp_path):
         if env_before is None:
             os.environ.pop("MMEMB_WORLDS", None)
         os.environ.pop("MMEMB_RUNS", None)
+        os.environ.pop("MMEMB_FIGURES", None)
