@@ -94,6 +94,7 @@ def finetune(backbone: Backbone, world_root: str | Path, datasets: list[str], ou
              stop_after: int | None = None) -> LoopResult:
     """Run (or resume) contrastive fine-tuning; the backbone's weights are updated in place."""
     rows = load_train_rows(world_root, datasets)
-    log.info("contrastive fine-tuning on %d rows from %d datasets", len(rows), len(datasets))
+    log.info("contrastive fine-tuning on %d rows from %d datasets in %d process(es)", len(rows), len(datasets),
+             max(1, distributed.world_size()))
     return run_loop(Embedder(backbone.model), make_step_fn(backbone, rows, cfg, seed), cfg.loop, out_dir, resume=resume,
                     stop_after=stop_after, desc="contrastive")

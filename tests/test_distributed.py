@@ -14,6 +14,7 @@ def _run(cmd, cwd):
                CUDA_VISIBLE_DEVICES="")  # the CPU (gloo) equivalence, bit for bit, also on a GPU machine
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
 
 
 def test_two_processes_match_one(make_backbone, small_world, tmp_path):
@@ -33,3 +34,30 @@ def test_two_processes_match_one(make_backbone, small_world, tmp_path):
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert moved > 1e-4  # training really changed the weights...
     assert diff < 1e-5, diff  # ...and identically with 2 processes of B/2 as with 1 process of B
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+TESTED_CONFIGS = {"accelerate/ddp.yaml"}  # each file in configs/ is exercised by a test here
+
+
+def test_every_config_file_is_exercised():
+    assert {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*") if p.is_file()} == TESTED_CONFIGS
+
+
+def test_accelerate_launch_with_the_ddp_config_matches_one_process(make_backbone, small_world, tmp_path):
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml` (overridden to 2 processes, fp32, no GPU)
+    trains the same weights as one process: the config's plain data parallelism is what the loop does."""
+    root, _ = small_world
+    make_backbone(seed=12).save(tmp_path / "init")
+    args = ["-m", "mmemb_lab", "train", "--world", str(root), "--backbone", str(tmp_path / "init"),
+            "--steps", "2", "--batch-size", "8", "--lr", "1e-3", "--datasets", "toy_cls", "toy_doc"]
+    _run([sys.executable, *args, "--out", str(tmp_path / "one")], tmp_path)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    # not --cpu: that launches ONE process; with no GPU visible the 2 ranks use gloo
+    out = _run([accelerate, "launch", "--config_file", str(CONFIGS / "accelerate" / "ddp.yaml"),
+                "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29547", *args,
+                "--out", str(tmp_path / "two")], tmp_path)
+    assert "in 2 process(es)" in out, out[-2000:]  # really two ranks, each with half the batch
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
