@@ -65,3 +65,26 @@ def tiny_foundation(make_backbone, tmp_path_factory):
         "world_version": WORLD_VERSION, "fingerprint": world_fingerprint(bb.tokenizer), "seed": 0,
         "description_accuracy": {}}))
     return path
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tiny_foundation, tmp_path_factory):
+    """ONE finished demo run on the smoke preset (seed 3, the stand-in foundation), shared by the session:
+    tests/test_demo.py checks it, notebook 07 and the browser test draw their figures from it. Returns
+    (folder holding ``run/``, ``world/`` and an unused ``figures/``, the summary)."""
+    import os
+
+    from mmemb_lab.demo import run_demo
+
+    base = tmp_path_factory.mktemp("smoke")
+    before = os.environ.get("MMEMB_FIGURES")
+    os.environ["MMEMB_FIGURES"] = str(base / "figures")  # a run must never write there (test_demo checks)
+    try:
+        summary = run_demo(seed=3, out=base / "run", preset="smoke", world_dir=base / "world", progress=False,
+                           foundation=tiny_foundation)
+    finally:
+        if before is None:
+            os.environ.pop("MMEMB_FIGURES", None)
+        else:
+            os.environ["MMEMB_FIGURES"] = before
+    return base, summary

@@ -55,7 +55,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, smoke_run):
     """A JupyterLab server on 127.0.0.1 serving copies of the notebooks (a run must not write outputs into
     the committed ones), with the kernel environment of test_notebooks.py: worlds and runs in a temp folder."""
     _chromium()
@@ -75,7 +75,7 @@ def lab(tmp_path_factory):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMEMB_WORLDS": str(root / ".worlds"), "MMEMB_RUNS": str(root / ".runs"),
-           "MMEMB_FIGURES": str(root / ".figures"),
+           "MMEMB_FIGURES": str(root / ".figures"), "MMEMB_RUN": str(smoke_run[0] / "run"),
            "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"),
            "JUPYTER_CONFIG_DIR": str(root / ".config"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
     port, token = _free_port(), os.urandom(12).hex()

@@ -3,12 +3,11 @@
 import json
 
 
-def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
+def test_demo_smoke(smoke_run, monkeypatch, tiny_foundation):
     from mmemb_lab.demo import run_demo
 
+    tmp_path, s = smoke_run  # run_demo(seed=3, out=tmp_path / "run", preset="smoke", ...): tests/conftest.py
     monkeypatch.setenv("MMEMB_FIGURES", str(tmp_path / "figures"))
-    s = run_demo(seed=3, out=tmp_path / "run", preset="smoke", world_dir=tmp_path / "world", progress=False,
-                 foundation=tiny_foundation)
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["preset"] == "smoke" and on_disk["seed"] == 3
     for name, d in on_disk["world"]["datasets"].items():
@@ -90,7 +89,8 @@ def test_demo_smoke(tmp_path, monkeypatch, tiny_foundation):
     modes = {tr.name: dict(zip(tr.x, tr.y)) for tr in figs["modes_easy_hard"].data}
     for mode in ("baseline_direct", "baseline_always", "adaptive_stage1", "adaptive", "oracle"):
         assert modes["overall"][mode] == on_disk["eval"][mode]["overall"], mode
-    assert figs["gate_curve"].layout.width == 700 and figs["gate_curve"].layout.font.size == 15  # print style
+    assert figs["modes_easy_hard"].layout.width == 700 and figs["gate_curve"].layout.width == 1000  # print style:
+    assert figs["gate_curve"].layout.font.size == 15  # one panel 7 inches wide, two panels 10
     assert main(["figures", str(tmp_path / "run"), "--no-png"]) == 0  # default folder: figures/<run name>
     assert (tmp_path / "figures" / "run" / "gate_curve.html").exists()
     assert main(["figures", str(tmp_path / "nowhere")]) == 2  # not a run: a one-line error

@@ -24,7 +24,7 @@ def test_notebook_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes(path, tmp_path):
+def test_notebook_executes(path, tmp_path, request):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
@@ -32,6 +32,8 @@ def test_notebook_executes(path, tmp_path):
     os.environ["MMEMB_WORLDS"] = str(tmp_path / "worlds")  # generated worlds stay out of the checkout
     os.environ["MMEMB_RUNS"] = str(tmp_path / "runs")
     os.environ["MMEMB_FIGURES"] = str(tmp_path / "figures")  # notebook 07's exports too
+    if path.name.startswith("07_"):  # the paper figures of a finished run: the session's smoke run
+        os.environ["MMEMB_RUN"] = str(request.getfixturevalue("smoke_run")[0] / "run")
     try:
         NotebookClient(nb, timeout=900, kernel_name="python3",
                        resources={"metadata": {"path": str(path.parent)}}).execute()
@@ -40,3 +42,4 @@ def test_notebook_executes(path, tmp_path):
             os.environ.pop("MMEMB_WORLDS", None)
         os.environ.pop("MMEMB_RUNS", None)
         os.environ.pop("MMEMB_FIGURES", None)
+        os.environ.pop("MMEMB_RUN", None)
