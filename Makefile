@@ -42,7 +42,7 @@ test: $(MARKER)
 browser-test: $(MARKER)
 	$(OFFLINE) $(VPY) -m pytest tests/test_browser.py
 
-# The method's figures from a finished demo run, for print: figures/<run name>/*.html and *.png (3x).
+# The method's figures from a finished demo run, for print: figures/<run name>/*.html, *.png (3x) and *.pdf.
 RUN ?= runs/demo
 figures: $(MARKER)
 	$(OFFLINE) $(VPY) -m mmemb_lab figures $(RUN)

@@ -24,7 +24,7 @@ Concept
     tokens (span markers, punctuation, connectives), and the cells its steps name should carry more
     than the other cells of the scene (:func:`named_cells`, :func:`cell_attribution`).
 
-Used by: tests/test_attribution.py (not yet shown in a notebook).
+Used by: ``figures.attribution_examples`` (``make figures``, notebook 07), tests/test_attribution.py.
 
 Deviations: none from IG itself; the summed-per-token and summed-per-patch readouts, the pad and
 mean-colour baselines and the word classes of :func:`word_kind` are our choices.
