@@ -136,7 +136,7 @@ def _train(a) -> None:
 
 
 def _evaluate(a) -> None:
-    from .evaluate import evaluate
+    from .harness import evaluate
     from .runs import Manifest, RunFolder, weights_digest, world_digest
     from .world.build import toy_registry
 

@@ -14,7 +14,6 @@ import logging
 import time
 from pathlib import Path
 
-from .evaluate import evaluate
 from .figures import description_accuracy as description_figure
 from .figures import (
     easy_hard_by_dataset,
@@ -30,6 +29,7 @@ from .figures import (
     stage1_curves,
 )
 from .foundation import description_accuracy, load_foundation, skill_accuracy, train_foundation
+from .harness import evaluate
 from .inference import MAX_NEW_TOKENS
 from .paths import foundation_dir, worlds_dir
 from .presets import PRESETS, RunConfig

@@ -458,7 +458,7 @@ def gate_curve(curve: list[dict], chosen: float | None = None, val_curve: list[d
         if not m:
             continue
         inv = {"direct": 0.0, "baseline_direct": 0.0, "always": 1.0, "baseline_always": 1.0}.get(
-            name, m.get("invocation_rate", m.get("reasoning_share")))
+            name, m.get("invocation_rate", m.get("reasoned_share", m.get("reasoning_share"))))
         style = {"mode": "markers", "legendgroup": name, "marker": {"symbol": symbol, "size": 11, "color": "black"}}
         if inv is not None:
             fig.add_scatter(x=[inv], y=[m["overall"]], name=name, row=1, col=1, **style)

@@ -28,7 +28,7 @@ positions are computed here, so continuing the cache does not depend on the mode
 ``rope_deltas``); the re-embedding after the rationale is a second prefill, as in the "always" mode
 (``inference``), so the two modes pay the same for the same rationale.
 
-Used by: evaluation mode "adaptive" (``AdaptiveEncoder`` as ``evaluate(..., encoder=...)``), the
+Used by: evaluation mode "adaptive" (``AdaptiveEncoder``, through ``modes.encoder_for``), the
 threshold sweep in summary.json ``gate.curve``, stage 2's invocation probe, notebook 05.
 """
 
@@ -53,6 +53,7 @@ from .inference import (
     rope_positions,
     write_spans,
 )
+from .scoring import aggregate_results, score_set
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def gate_and_spans(backbone: Backbone, inputs: Sequence[Input], threshold: float
 
 @dataclass
 class AdaptiveEncoder:
-    """A query encoder for ``evaluate``: reason only where the gate opens.
+    """A query encoder (``modes.encoder_for``): reason only where the gate opens.
 
     Records, per query and in call order (warm-up and latency calls of ``evaluate`` included; slice by
     length before/after a call to isolate one): ``generated_tokens`` (0 where not invoked),
@@ -284,9 +285,7 @@ class DatasetGate:
     metric: str
 
     def score(self, use: np.ndarray):
-        """``evaluate.DatasetScore`` when the queries in ``use`` reason and the others embed directly."""
-        from .evaluate import score_set
-
+        """The dataset's result when the queries in ``use`` reason and the others embed directly."""
         q = torch.where(torch.as_tensor(use)[:, None], self.reasoned, self.direct)
         return score_set(self.es, q, self.c_emb, self.metric)
 
@@ -356,31 +355,24 @@ def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: flo
 def sweep_points(gp: GatePass, registry: dict, thresholds: Sequence[float]) -> list[SweepPoint]:
     """Every threshold's point from one :class:`GatePass`, in decreasing threshold order (so with
     non-decreasing invocation rate and latency, by construction)."""
-    from .metrics import aggregate
 
     points = []
     for t in sorted({float(t) for t in thresholds}, reverse=True):
-        scores, easy, hard, n_inv, n_all, toks = {}, [], [], 0, 0, 0.0
+        per, n_inv, n_all, toks = {}, 0, 0, 0.0
         inv_easy, inv_hard = [], []
         for name, dg in gp.per.items():
             use = dg.p > t
-            ds = dg.score(use)
-            scores[name] = ds.score
-            for split, out in ((False, easy), (True, hard)):
-                v = ds.split(split)
-                if v is not None:
-                    out.append(v)
+            per[name] = dg.score(use)
             n_inv += int(use.sum())
             n_all += len(use)
             toks += float(dg.tokens[use].sum())
             inv_easy += list(use[~dg.hard])
             inv_hard += list(use[dg.hard])
-        agg = aggregate(scores, {k: registry[k] for k in scores})
+        agg = aggregate_results(per, registry, "adaptive")
         lat = float(np.mean(gp.lat_gate + (gp.lat_p > t) * gp.lat_reason)) if len(gp.lat_gate) else float("nan")
         points.append(SweepPoint(
             t, n_inv / n_all, float(np.mean(inv_easy)) if inv_easy else None,
-            float(np.mean(inv_hard)) if inv_hard else None, agg.overall,
-            float(np.mean(easy)) if easy else None, float(np.mean(hard)) if hard else None,
+            float(np.mean(inv_hard)) if inv_hard else None, agg.overall, agg.easy, agg.hard,
             dict(agg.per_meta_task), lat, toks / n_all))
     return points
 

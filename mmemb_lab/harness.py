@@ -1,9 +1,11 @@
 """The benchmark harness: every dataset of a registry, scored by MMEB-V2's rules, at scale and resumable.
 
 Concept
-    ``evaluate.evaluate`` scores a toy world in one pass. A real MMEB-V2 run is 78 datasets, hours of
-    GPU time and ~1M candidate embeddings, so this harness adds what such a run needs, around the same
-    scoring code (``evaluate.score_set``: cosine ranking, Hit@k and linear NDCG@k):
+    One runner for every source (a toy world, a local MMEB-V2 download) and every mode. A real MMEB-V2
+    run is 78 datasets, hours of GPU time and ~1M candidate embeddings, so it has what such a run needs,
+    around one scoring function (``scoring.score_set``: cosine ranking, Hit@k and linear NDCG@k) and one
+    result type per level (``scoring.DatasetResult``, ``scoring.BenchmarkResult``); :func:`evaluate` runs it
+    on a toy world in one call:
 
     - **Embeddings are cached per dataset**, in chunks (``out/cache/<mode>/<dataset>/{cand,qry}-<start>.pt``,
       each written atomically). A dataset whose ``<dataset>_score.json`` exists is finished and skipped on
@@ -32,7 +34,8 @@ Concept
     instruction in the user turn), ``"chat"`` (Qwen3-VL-Embedding style, instruction in the system turn),
     ``"raw"`` (VLM2Vec style, no chat roles); all end with ``<|emb|>``. The reasoning modes use ``"user"``.
 
-Used by: ``mmemb-lab benchmark``, notebook 06, ``make bench`` (``harness_bench``).
+Used by: ``mmemb-lab benchmark`` and ``evaluate``, the demo (every evaluation of stages 0 and 1), stage 1's
+arms, notebooks 01 and 06, ``make bench`` (``harness_bench``).
 
 Deviations from the reference (VLM2Vec), known:
 
@@ -52,7 +55,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -63,8 +66,6 @@ from . import distributed
 from .backbone import Backbone
 from .data import DataError, load_eval
 from .embed import Input
-from .evaluate import mixed_cost, score_set
-from .metrics import aggregate
 from .mmeb import LazyVisual, MMEBSet, dataset_dir, load_dataset, resolve, split_version
 from .modes import (
     ENCODER_MODES,
@@ -83,13 +84,24 @@ from .modes import (
 )
 from .registry import DatasetInfo
 from .runs import Manifest, RunError, RunFolder, file_digest, weights_digest, world_digest
+from .scoring import (
+    BenchmarkResult,
+    DatasetResult,
+    aggregate_results,
+    mixed_cost,
+    oracle_picks,
+    prediction_ids,
+    read_dataset,
+    score_set,
+    write_dataset,
+)
 from .train import atomic_torch_save, atomic_write_text
 
 # PROMPTS, Encoded, QueryEncoder, render_prompt, collate_prompted, embed_prompted and direct_encoder live in
 # mmemb_lab.modes (one definition each); they stay importable from here.
 __all__ = ["PROMPTS", "HarnessConfig", "Encoded", "QueryEncoder", "render_prompt", "collate_prompted",
            "embed_prompted", "direct_encoder", "ToySource", "MMEBSource", "shard", "DatasetResult",
-           "BenchmarkResult", "run_benchmark", "run_oracle", "load_results", "harness_bench"]
+           "BenchmarkResult", "run_benchmark", "evaluate", "run_oracle", "load_results", "harness_bench"]
 
 log = logging.getLogger(__name__)
 
@@ -176,104 +188,11 @@ class MMEBSource:
 # results
 
 
-@dataclass(frozen=True)
-class DatasetResult:
-    """One dataset's score and everything needed to compare it with someone else's (the score file)."""
-
-    name: str
-    modality: str
-    meta_task: str
-    metric: str
-    score: float
-    """Headline metric in percent."""
-    at_k: dict
-    """``hit@k`` and ``ndcg_linear@k`` for k in 1, 5, 10, in percent."""
-    n_queries: int
-    n_candidates: int
-    skipped: int
-    """Records skipped (bad data), all counted; ``problems`` keeps the first messages."""
-    problems: tuple[str, ...]
-    split_version: str
-    mode: str
-    prompt: str
-    video_mode: str
-    latency_ms_per_query: float | None
-    """Mean wall time to embed one query alone (batch size 1), ms."""
-    batched_ms_per_query: float | None
-    """Wall time per query when embedded in batches, ms."""
-    generated_tokens_per_query: float | None
-    """Mean tokens generated per query (None: the encoder does not generate)."""
-    easy: float | None = None
-    """Score on items that need no reasoning (toy world only), percent."""
-    hard: float | None = None
-    """Score on items that need reasoning (toy world only), percent."""
-    warnings: tuple[str, ...] = ()
-    """Why the score may mean nothing (e.g. collapsed embeddings, see ``evaluate.collapse_warnings``)."""
-    reasoned_share: float | None = None
-    """Share of the scored queries that reasoned first (None: the encoder does not say)."""
-    resumed: bool = False
-    """True when read back from an existing score file instead of computed in this run."""
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d.pop("resumed")
-        d.update({"dataset": self.name, **self.at_k})
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "DatasetResult":
-        names = {f for f in cls.__dataclass_fields__ if f != "resumed"}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["problems"] = tuple(kw.get("problems", ()))
-        kw["warnings"] = tuple(kw.get("warnings", ()))
-        return cls(**kw, resumed=True)
-
-
-@dataclass(frozen=True)
-class BenchmarkResult:
-    benchmark: str
-    mode: str
-    prompt: str
-    video_mode: str
-    backbone: str
-    per_dataset: dict[str, DatasetResult]
-    overall: float
-    """Unweighted mean over the scored datasets (NaN when none was scored)."""
-    per_modality: dict[str, float]
-    per_meta_task: dict[str, float]
-    n_datasets: int
-    missing: tuple[str, ...]
-    """Registry datasets without a score (not found, or no usable query)."""
-    skipped_records: int
-    """Bad records skipped over all datasets."""
-    embedded: dict = field(default_factory=dict)
-    """Inputs embedded in THIS run: {"queries": n, "candidates": n} (0 and 0 for a fully resumed run)."""
-    upper_bound: bool = False
-    """True for the oracle: it picks per query with the answers known, so no method can score above it."""
-
-    def summary(self) -> dict:
-        def mean(key):
-            vals = [getattr(r, key) for r in self.per_dataset.values() if getattr(r, key) is not None]
-            return float(np.mean(vals)) if vals else None
-
-        return {"benchmark": self.benchmark, "mode": self.mode, "prompt": self.prompt, "video_mode": self.video_mode,
-                "backbone": self.backbone, "overall": self.overall, "n_datasets": self.n_datasets,
-                "missing": list(self.missing), "per_modality": self.per_modality,
-                "per_meta_task": self.per_meta_task, "per_dataset": {k: v.score for k, v in self.per_dataset.items()},
-                "split_versions": {k: v.split_version for k, v in self.per_dataset.items()},
-                "skipped_records": self.skipped_records, "easy": mean("easy"), "hard": mean("hard"),
-                "latency_ms_per_query": mean("latency_ms_per_query"),
-                "batched_ms_per_query": mean("batched_ms_per_query"),
-                "generated_tokens_per_query": mean("generated_tokens_per_query"),
-                "reasoned_share": mean("reasoned_share"), "upper_bound": self.upper_bound, "embedded": self.embedded}
-
-
 def load_results(out_dir: str | Path, registry: Mapping[str, DatasetInfo], mode: str = "direct",
                  ) -> dict[str, DatasetResult]:
     """The finished datasets of a run folder (its score files), in registry order."""
     d = Path(out_dir) / mode
-    return {n: DatasetResult.from_json(json.loads((d / f"{n}_score.json").read_text()))
-            for n in registry if (d / f"{n}_score.json").exists()}
+    return {n: read_dataset(d, n) for n in registry if (d / f"{n}_score.json").exists()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,6 +406,28 @@ def run_benchmark(backbone: Backbone, source, registry: Mapping[str, DatasetInfo
                     progress)
 
 
+def evaluate(backbone: Backbone, world_root: str | Path, registry: Mapping[str, DatasetInfo], mode: str = "direct",
+             encoder: QueryEncoder | None = None, out_dir: str | Path | None = None, strict: bool = False,
+             latency_sample: int = InferenceConfig.latency_sample, progress: bool = True, split: str = "eval",
+             overwrite: bool = False) -> BenchmarkResult:
+    """:func:`run_benchmark` on a toy world in one call: the demo's, the notebooks' and ``mmemb-lab evaluate``'s.
+
+    Each dataset is one chunk, so the encoder sees every query of a dataset in one call (as a user calling
+    it on a list would); without ``out_dir`` the files and cache go to a temporary folder."""
+    import tempfile
+
+    cfg = HarnessConfig(mode=mode, strict=strict, chunk_size=_ONE_CHUNK, latency_sample=latency_sample)
+    source = ToySource(Path(world_root), split)
+    if out_dir is not None:
+        return run_benchmark(backbone, source, registry, out_dir, cfg, encoder, benchmark="toy", progress=progress,
+                             overwrite=overwrite)
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_benchmark(backbone, source, registry, tmp, cfg, encoder, benchmark="toy", progress=progress)
+
+
+_ONE_CHUNK = 1 << 30
+
+
 def _identity(backbone: Backbone, source, benchmark: str, cfg: HarnessConfig, encoder_settings: dict | None,
               ) -> tuple[dict, Manifest]:
     """What determines a mode's scores: a run folder made from other weights, data or settings is never reused."""
@@ -509,7 +450,7 @@ def _run(backbone, source, registry, cfg, encode, cand_encode, settings, res_dir
                            disable=not (progress and main)):
         score_file = res_dir / f"{name}_score.json"
         if score_file.exists():
-            per[name] = DatasetResult.from_json(json.loads(score_file.read_text()))
+            per[name] = read_dataset(res_dir, name)
             continue
         if not source.available(info):
             log.warning("%s: not found in %s", name, getattr(source, "root", source))
@@ -543,13 +484,8 @@ def _run(backbone, source, registry, cfg, encode, cand_encode, settings, res_dir
 def _finish(backbone: Backbone, registry: Mapping[str, DatasetInfo], cfg: HarnessConfig, benchmark: str,
             per: dict[str, DatasetResult], embedded: dict, res_dir: Path, upper_bound: bool = False) -> BenchmarkResult:
     """Aggregate by MMEB-V2's rules and write ``results.json``."""
-    scores = {k: v.score for k, v in per.items()}
-    agg = aggregate(scores, registry) if scores else None
-    result = BenchmarkResult(
-        benchmark, cfg.mode, cfg.prompt, backbone.video_mode, str(backbone.source), per,
-        agg.overall if agg else float("nan"), dict(agg.per_modality) if agg else {},
-        dict(agg.per_meta_task) if agg else {}, len(per), tuple(n for n in registry if n not in per),
-        sum(r.skipped for r in per.values()), embedded, upper_bound)
+    result = aggregate_results(per, registry, cfg.mode, benchmark, cfg.prompt, backbone.video_mode,
+                               str(backbone.source), embedded, upper_bound)
     atomic_write_text(res_dir / "results.json", json.dumps(result.summary(), indent=1))
     return result
 
@@ -564,7 +500,7 @@ def run_oracle(backbone: Backbone, source, registry: Mapping[str, DatasetInfo], 
     embeds nothing itself. Per query it keeps the always embedding where that query's score is strictly
     higher (ties go to direct: reasoning must pay for its cost), and the combined embeddings are scored like
     any mode's, so every metric, top-1 and warning is the oracle's own. Latency, batched time and tokens are
-    charged per query to the mode it picks (``evaluate.combine_oracle``'s rule). ``results.json`` says
+    charged per query to the mode it picks (``scoring.oracle_picks``, ``scoring.mixed_cost``). ``results.json`` says
     ``upper_bound: true``: it picks with the answers known, so it is a ceiling, not a method.
     """
     out_dir = Path(out_dir)
@@ -584,7 +520,7 @@ def run_oracle(backbone: Backbone, source, registry: Mapping[str, DatasetInfo], 
         for name, info in registry.items():
             score_file = res_dir / f"{name}_score.json"
             if score_file.exists():
-                per[name] = DatasetResult.from_json(json.loads(score_file.read_text()))
+                per[name] = read_dataset(res_dir, name)
                 continue
             if name not in runs["direct"].per_dataset or name not in runs["always"].per_dataset:
                 continue  # not found or no usable query: missing in both modes, as here
@@ -614,7 +550,7 @@ def _score_oracle(info: DatasetInfo, es: MMEBSet, qd: _Embedded, qa: _Embedded, 
     direct = score_set(es2, qd.emb[kept_q], cand, info.metric).per_query
     always = score_set(es2, qa.emb[kept_q], cand, info.metric).per_query
     use = np.zeros(len(es.queries), dtype=bool)
-    use[kept_q] = always > direct  # (n_queries,) reason here; ties go to direct
+    use[kept_q] = oracle_picks(direct, always)  # (n_queries,) reason here
     share = float(use[kept_q].mean())
     kept = set(kept_q)
 
@@ -643,36 +579,14 @@ def _score_and_write(info: DatasetInfo, es: MMEBSet, q: _Embedded, c: _Embedded,
     s = score_set(es2, q.emb[kept_q], c.emb[kept_c], info.metric)
     gen = [q.generated[i] for i in kept_q if q.generated[i] is not None]
     reasoned = [q.reasoned[i] for i in kept_q if q.reasoned[i] is not None]
-    known = any(h is not None for h in (x.needs_reasoning for x in es2.queries))
-    r = DatasetResult(
-        info.name, info.modality, info.meta_task, info.metric, s.score, dict(s.at_k), len(es2.queries),
-        len(es2.candidates), es2.skipped, es2.problems[:cfg.max_problems], es.version, cfg.mode, cfg.prompt,
-        video_mode, latency, 1000 * q.seconds / max(1, q.n_encoded), float(np.mean(gen)) if gen else None,
-        s.split(False) if known else None, s.split(True) if known else None, s.warnings,
-        float(np.mean(reasoned)) if reasoned else None)
-    # Query ids of the predictions file: unique, and stable across runs and modes (so files can be joined).
-    # An item id that repeats in the loaded set (a table with a repeated qry_id) or is empty gets the
-    # query's position in the loaded set appended; positions are taken before unreadable queries are
-    # dropped, so one query's id does not depend on whether another could be read.
-    ids = [x.item_id for x in es.queries]
-    counts: dict[str, int] = {}
-    for iid in ids:
-        counts[iid] = counts.get(iid, 0) + 1
-    used = {iid for iid in ids if iid and counts[iid] == 1}
-    qid = []
-    for i, iid in enumerate(ids):
-        new = iid
-        if not iid or counts[iid] > 1:
-            new = f"{iid}@{i}"
-            while new in used:  # an item id of the set already reads "<id>@<position>"
-                new = f"{new}@{i}"
-            used.add(new)
-        qid.append(new)
-    lines = [json.dumps({"query": qid[i], "top1": t, "score": float(v), "needs_reasoning": x.needs_reasoning,
-                         "generated_tokens": q.generated[i], "reasoned": q.reasoned[i], "rationale": q.rationales[i]})
-             for x, t, v, i in zip(es2.queries, s.top1, s.per_query, kept_q)]
-    atomic_write_text(res_dir / f"{info.name}_pred.jsonl", "\n".join(lines) + "\n")
-    atomic_write_text(res_dir / f"{info.name}_score.json", json.dumps(r.to_json(), indent=1))  # written last: done
+    r = replace(s, modality=info.modality, meta_task=info.meta_task, problems=es2.problems[:cfg.max_problems],
+                split_version=es.version, mode=cfg.mode, prompt=cfg.prompt, video_mode=video_mode,
+                latency_ms_per_query=latency, batched_ms_per_query=1000 * q.seconds / max(1, q.n_encoded),
+                generated_tokens_per_query=float(np.mean(gen)) if gen else None,
+                reasoned_share=float(np.mean(reasoned)) if reasoned else None)
+    ids = prediction_ids([x.item_id for x in es.queries])
+    write_dataset(res_dir, r, [ids[i] for i in kept_q], [q.generated[i] for i in kept_q],
+                  [q.reasoned[i] for i in kept_q], [q.rationales[i] for i in kept_q])
     return r
 
 

@@ -143,7 +143,7 @@ def embed_after(backbone: Backbone, inputs: Sequence[Input], rationales: Sequenc
 
 @dataclass
 class ReasoningEncoder:
-    """A query encoder for ``evaluate``: generate a rationale, then embed after it. Keeps token counts."""
+    """A query encoder (the ``always`` mode): generate a rationale, then embed after it. Keeps token counts."""
 
     backbone: Backbone
     max_new_tokens: int = MAX_NEW_TOKENS

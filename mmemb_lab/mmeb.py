@@ -4,7 +4,7 @@ Concept
     MMEB-V2 (docs/method.md, MMEB-V2) stores its 78 evaluation sets in three shapes, and MMEB-train in
     a fourth. Each loader here reads one shape, exactly as published, into the objects the rest of the
     workbench already speaks: an :class:`MMEBSet` (a ``data.EvalSet``: queries, a deduplicated candidate
-    table, graded relevance) or MMEB-train triples of ``embed.Input``. ``evaluate.score_set`` and the
+    table, graded relevance) or MMEB-train triples of ``embed.Input``. ``scoring.score_set`` and the
     harness then score the toy world and the real benchmark with the same code.
 
     - **Image tasks** (``TIGER-Lab/MMEB-eval``, split ``test``), *local*: each row is one query and its own

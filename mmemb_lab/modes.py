@@ -11,7 +11,7 @@ Concept (docs/method.md, steps 3 and 5)
       ``p_open > threshold`` is a rationale written (from that same prefill) and the query re-embedded
       (``gate.AdaptiveEncoder``).
     - ``oracle``: per query, the better of direct and always. It needs the answers, so it is no encoder:
-      it is combined from the two modes' scored runs (``harness.run_oracle``, ``evaluate.combine_oracle``)
+      it is combined from the two modes' scored runs (``harness.run_oracle``, ``scoring.oracle_picks``)
       and is an upper bound for any gate, not a method.
 
     Every encoding mode is a :data:`QueryEncoder`: a callable from a batch of inputs to (n, dim) unit-norm
@@ -25,7 +25,7 @@ Concept (docs/method.md, steps 3 and 5)
     Qwen3-VL-Embedding style, instruction in the system turn; ``"raw"`` - VLM2Vec style, vision tokens
     then instruction and text with no chat roles. All end with ``<|emb|>``.
 
-Used by: ``harness`` (``mmemb-lab benchmark --mode``), ``evaluate``, ``embedder.Embedder``.
+Used by: ``harness`` (``mmemb-lab benchmark --mode``, ``harness.evaluate``), ``embedder.Embedder``.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def encoder_for(backbone: Backbone, mode: str, cfg: InferenceConfig = InferenceC
         return direct_encoder(backbone, prompt, cfg.batch_size)
     if mode == "oracle":
         raise ValueError("the oracle mode is no encoder (it needs the answers): it is combined from the direct "
-                         "and always runs (harness.run_oracle, evaluate.combine_oracle)")
+                         "and always runs (harness.run_oracle)")
     if mode not in ENCODER_MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
     if prompt != "user":

@@ -412,7 +412,7 @@ def gold_rationale_gain(evaluator: Backbone, world_root, registry, hard_only: bo
     lift the evaluator, no selection rule can find a rationale that helps, and a reward-following gate has
     no reason to open (the demo's ``reasoning_headroom`` figure)."""
     from .data import load_eval
-    from .evaluate import score_set
+    from .scoring import score_set
 
     per, scores = {}, {"direct": {}, "gold": {}}
     for name, info in registry.items():

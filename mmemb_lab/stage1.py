@@ -44,7 +44,9 @@ from .backbone import EMB_TOKEN, THINK_OPEN, Backbone, reasoning_span
 from .contrastive import TEMPERATURE, info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
+from .harness import _ONE_CHUNK, HarnessConfig, ToySource, run_benchmark, run_oracle
 from .inference import LATENCY_SAMPLE, MAX_NEW_TOKENS
+from .modes import InferenceConfig, encoder_for, settings_for
 from .runs import Manifest, RunFolder, weights_digest
 from .train import LoopConfig, LoopResult, run_loop
 from .world.tasks import Item, make_item
@@ -355,9 +357,7 @@ def run_arm(foundation: str, world_root: str, registry_info: dict, selection_dir
     import time
 
     from .diagnostics import rationale_diagnostics
-    from .evaluate import combine_oracle, evaluate
     from .foundation import load_foundation
-    from .inference import ReasoningEncoder
     from .train import atomic_write_text, read_metrics
     from .world.build import toy_registry
 
@@ -375,20 +375,20 @@ def run_arm(foundation: str, world_root: str, registry_info: dict, selection_dir
     if only is not None:
         return _baseline_arm(backbone, world_root, registry, out, cfg, res, train_wall, only, latency_sample,
                              max_new_tokens)
-    enc = ReasoningEncoder(backbone, max_new_tokens)
-    always = evaluate(backbone, world_root, registry, "always", encoder=enc, out_dir=out / "eval",
-                      latency_sample=latency_sample, progress=False)
+    inference = InferenceConfig(max_new_tokens=max_new_tokens, latency_sample=latency_sample)
+    always, enc = _evaluate_mode(backbone, world_root, registry, out / "eval", "always", inference)
     diag = rationale_diagnostics(backbone, world_root, registry, max_new_tokens)
     arm = {"rationales": cfg.rationales, "steps": res.steps_done, "train_wall_s": train_wall,
-           "always": always.summary() | {"unclosed_spans": enc.unclosed},
+           "always": always.summary() | {"unclosed_spans": enc.inner.unclosed},
            "rationale_sensitivity": diag.sensitivity, "rationale_step_accuracy": diag.step_accuracy,
            "rationale_answer_accuracy": diag.answer_accuracy, "rationale_examples": diag.examples,
            "training_curve_tail": read_metrics(out / "train")[-1:]}
     if full_eval:
-        direct = evaluate(backbone, world_root, registry, "direct", out_dir=out / "eval",
-                          latency_sample=latency_sample, progress=False)
+        direct, _ = _evaluate_mode(backbone, world_root, registry, out / "eval", "direct", inference)
         arm["direct"] = direct.summary()
-        arm["oracle"] = combine_oracle(direct, always, registry).summary()
+        oracle = run_oracle(backbone, ToySource(Path(world_root)), registry, out / "eval",
+                            _harness_cfg("oracle", inference), inference, benchmark="toy", progress=False)
+        arm["oracle"] = oracle.summary()
         backbone.save(out / "model")
     atomic_write_text(out / "arm.json", json.dumps(arm, indent=1))
     return arm
@@ -398,15 +398,26 @@ def _baseline_arm(backbone: Backbone, world_root: str, registry: dict, out: Path
                   train_wall: float, mode: str, latency_sample: int, max_new_tokens: int) -> dict:
     """A baseline trained for one mode, evaluated in that mode only: ``direct`` (no rationales) or ``always``
     (a rationale on every pair, written by the model itself at inference)."""
-    from .evaluate import evaluate
-    from .inference import ReasoningEncoder
     from .train import atomic_write_text
 
-    enc = ReasoningEncoder(backbone, max_new_tokens) if mode == "always" else None
-    r = evaluate(backbone, world_root, registry, mode, encoder=enc, out_dir=out / "eval",
-                 latency_sample=latency_sample, progress=False)
+    inference = InferenceConfig(max_new_tokens=max_new_tokens, latency_sample=latency_sample)
+    r, enc = _evaluate_mode(backbone, world_root, registry, out / "eval", mode, inference)
     arm = {"rationales": cfg.rationales, "steps": res.steps_done, "train_wall_s": train_wall,
-           mode: r.summary() | ({"unclosed_spans": enc.unclosed} if enc else {})}
+           mode: r.summary() | ({"unclosed_spans": enc.inner.unclosed} if mode == "always" else {})}
     backbone.save(out / "model")
     atomic_write_text(out / "arm.json", json.dumps(arm, indent=1))
     return arm
+
+
+def _harness_cfg(mode: str, inference: InferenceConfig):
+    return HarnessConfig(mode=mode, chunk_size=_ONE_CHUNK, batch_size=inference.batch_size,
+                         latency_sample=inference.latency_sample)
+
+
+def _evaluate_mode(backbone: Backbone, world_root, registry: dict, out: Path, mode: str, inference: InferenceConfig):
+    """One mode of an arm's model through the harness (the encoder ``modes.encoder_for`` makes, so that the
+    oracle reuses the direct and always runs); returns the result and the encoder."""
+    enc = encoder_for(backbone, mode, inference)
+    r = run_benchmark(backbone, ToySource(Path(world_root)), registry, out, _harness_cfg(mode, inference), enc,
+                      benchmark="toy", progress=False, encoder_settings=settings_for(mode, inference))
+    return r, enc

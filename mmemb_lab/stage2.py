@@ -34,10 +34,10 @@ import numpy as np
 from .backbone import Backbone, load_backbone
 from .data import eval_split_dir
 from .embed import embed
-from .evaluate import EvalResult, eval_result, mixed_cost
 from .gate import AdaptiveEncoder, GatePass, choose_threshold, gate_pass, gate_precision_recall, sweep_points
 from .inference import LATENCY_SAMPLE, MAX_NEW_TOKENS, THRESHOLD, ReasoningEncoder
 from .rl import RLConfig, read_rl_run, toy_rl_pairs, train_rl
+from .scoring import BenchmarkResult, aggregate_results, mixed_cost, prediction_ids, write_dataset
 from .train import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def retime_fixed_modes(evals: dict, lat: dict) -> dict:
     other core, so its own timings ran under another load than the adaptive mode's (docs/research-log.md,
     Evaluation: the fixed modes are re-timed), and the cost line compares the two. The earlier
     timing is kept as ``latency_ms_per_query_stage1_pass``. The oracle's latency is recomputed from the new
-    direct and always timings with its reasoning share (``evaluate.combine_oracle``)."""
+    direct and always timings with its reasoning share (``scoring.mixed_cost``)."""
     if "stage1_always_ms" not in lat:
         return evals
     out = dict(evals)
@@ -142,8 +142,8 @@ def retime_fixed_modes(evals: dict, lat: dict) -> dict:
         if mode in out and key in lat:
             out[mode] = out[mode] | {"latency_ms_per_query": lat[key],
                                      "latency_ms_per_query_stage1_pass": out[mode]["latency_ms_per_query"]}
-    if "oracle" in out and "reasoning_share" in out["oracle"]:
-        ms = mixed_cost(lat["stage1_direct_ms"], lat["stage1_always_ms"], out["oracle"]["reasoning_share"])
+    if "oracle" in out and out["oracle"].get("reasoned_share") is not None:
+        ms = mixed_cost(lat["stage1_direct_ms"], lat["stage1_always_ms"], out["oracle"]["reasoned_share"])
         out["oracle"] = out["oracle"] | {"latency_ms_per_query": ms,
                                          "latency_ms_per_query_stage1_pass": out["oracle"]["latency_ms_per_query"]}
     return out
@@ -178,7 +178,7 @@ def gate_block(gp: GatePass, registry: dict, threshold: float) -> tuple[dict, di
     return rates, gate
 
 
-def mode_results(gp: GatePass, registry: dict, threshold: float, lat: dict) -> dict[str, EvalResult]:
+def mode_results(gp: GatePass, registry: dict, threshold: float, lat: dict) -> dict[str, BenchmarkResult]:
     """direct / always / adaptive scores from one gate pass (the pass reasoned for every query)."""
     out = {}
     for mode, pick, ms in (("direct", lambda dg: np.zeros(len(dg.p), bool), lat["direct_ms"]),
@@ -189,7 +189,7 @@ def mode_results(gp: GatePass, registry: dict, threshold: float, lat: dict) -> d
         tokens = sum(float(dg.tokens[pick(dg)].sum()) for dg in gp.per.values()) / n
         share = sum(int(pick(dg).sum()) for dg in gp.per.values()) / n
         batched = gp.batched_ms["gate"] + share * gp.batched_ms["reason"]
-        out[mode] = eval_result(mode, per, registry, ms, batched, {"generated_tokens_per_query": tokens})
+        out[mode] = _gate_mode_result(mode, per, registry, ms, batched, tokens, share)
     return out
 
 
@@ -208,8 +208,6 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
     Also measured: ``eval.adaptive_stage1``, the stage-1 model's own gate at the same threshold (what stage 1
     alone learned about when to reason), and with ``baselines`` ({name: (model folder, mode)}) each
     baseline's latency in its own mode, timed in the same loop (``gate.latency.<name>_ms``)."""
-    from .evaluate import write_dataset_files
-
     out = Path(out_dir)
     model_dir = out / "model"
     source = _source_digest(Path(stage1_model), cfg, world_seed, hard_fraction, seed)
@@ -253,7 +251,10 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
     modes = mode_results(gp, registry, thr, lat)
     stage1_adaptive = _adaptive_only(gp1, registry, thr1, lat["stage1_adaptive_ms"])
     for name, ds in modes["adaptive"].per_dataset.items():
-        write_dataset_files(out / "eval" / "adaptive", ds, gp.per[name].es)
+        dg = gp.per[name]
+        opened = dg.p > thr
+        write_dataset(out / "eval" / "adaptive", ds, prediction_ids([q.item_id for q in dg.es.queries]),
+                      np.where(opened, dg.tokens, 0).astype(int).tolist(), opened.tolist())
     rates, gate = gate_block(gp, registry, thr)
     points = sweep_points(gp, registry, cfg.thresholds)
     adaptive_summary = modes["adaptive"].summary() | rates | {
@@ -293,14 +294,26 @@ def threshold_on_val(backbone: Backbone, world_root, registry: dict, cfg: Stage2
                       for p in points]}
 
 
-def _adaptive_only(gp: GatePass, registry: dict, threshold: float, latency_ms: float) -> EvalResult:
+def _adaptive_only(gp: GatePass, registry: dict, threshold: float, latency_ms: float) -> BenchmarkResult:
     """The adaptive mode alone from a pass that reasoned only where the gate opens."""
     per = {name: dg.score(dg.p > threshold) for name, dg in gp.per.items()}
     n = sum(len(dg.p) for dg in gp.per.values())
     tokens = sum(float(dg.tokens[dg.p > threshold].sum()) for dg in gp.per.values()) / n
     share = sum(int((dg.p > threshold).sum()) for dg in gp.per.values()) / n
     batched = gp.batched_ms["gate"] + share * gp.batched_ms["reason"]
-    return eval_result("adaptive", per, registry, latency_ms, batched, {"generated_tokens_per_query": tokens})
+    return _gate_mode_result("adaptive", per, registry, latency_ms, batched, tokens, share)
+
+
+def _gate_mode_result(mode: str, per: dict, registry: dict, latency_ms: float, batched_ms: float, tokens: float,
+                      share: float) -> BenchmarkResult:
+    """A mode scored from a gate pass: its latency was timed on a sample drawn across datasets, its tokens and
+    reasoning share counted over every query, so these replace the per-dataset means."""
+    per = {k: replace(v, modality=registry[k].modality, meta_task=registry[k].meta_task, mode=mode)
+           for k, v in per.items()}
+    return aggregate_results(per, registry, mode, extra={"latency_ms_per_query": latency_ms,
+                                                         "batched_ms_per_query": batched_ms,
+                                                         "generated_tokens_per_query": tokens,
+                                                         "reasoned_share": share})
 
 
 def _one_input_encoder(backbone: Backbone, mode: str, max_new_tokens: int) -> Callable:
@@ -321,7 +334,7 @@ def _source_digest(stage1_model: Path, cfg: Stage2Config, world_seed: int, hard_
     return h.hexdigest()[:16]
 
 
-def _short(e: EvalResult) -> dict:
+def _short(e: BenchmarkResult) -> dict:
     s = e.summary()
     return {k: s[k] for k in ("overall", "easy", "hard", "per_dataset", "latency_ms_per_query",
                               "generated_tokens_per_query")}

@@ -7,7 +7,8 @@ import torch
 
 from mmemb_lab.data import EvalQuery, EvalSet
 from mmemb_lab.embed import Input
-from mmemb_lab.evaluate import evaluate, score_set
+from mmemb_lab.harness import evaluate
+from mmemb_lab.scoring import score_set
 from mmemb_lab.world.build import toy_registry
 
 
@@ -27,7 +28,7 @@ def test_score_set_matches_hand_ranking():
     s = score_set(_set(), q, c, "hit@1")
     assert s.per_query.tolist() == [1.0, 0.0, 1.0]
     assert np.isclose(s.score, 200 / 3)
-    assert s.split(False) == 100.0 and s.split(True) == 50.0
+    assert s.easy == 100.0 and s.hard == 50.0
     assert s.at_k["hit@5"] == 100.0
     assert s.top1 == ["a", "a", "d"]
     g = score_set(_set(), q, c, "ndcg@5")  # q1: positive at rank 2 -> 1/log2(3)
@@ -69,7 +70,7 @@ def test_collapsed_model_scores_zero_and_is_flagged(caplog):
     qs = [EvalQuery(Input(f"q{i}"), tuple("abcd"[i:] + "abcd"[:i]), {"abcd"[i]: 1}) for i in range(4)]
     es = EvalSet("collapsed", qs, cands, "local")  # query i: its positive first, then the others
     same = torch.nn.functional.normalize(torch.ones(1, 8), dim=-1)
-    with caplog.at_level("WARNING", logger="mmemb_lab.evaluate"):
+    with caplog.at_level("WARNING", logger="mmemb_lab.scoring"):
         s = score_set(es, same.repeat(4, 1), same.repeat(4, 1), "hit@1")
     assert s.score == 0.0 and s.at_k["hit@5"] == 100.0
     assert all(t not in q.relevance for t, q in zip(s.top1, qs))  # the predictions file agrees with the score
@@ -79,7 +80,7 @@ def test_collapsed_model_scores_zero_and_is_flagged(caplog):
 
 
 def test_near_constant_embeddings_are_flagged_and_spread_ones_are_not():
-    from mmemb_lab.evaluate import COLLAPSE_DISTANCE, collapse_warnings, mean_cosine_distance
+    from mmemb_lab.scoring import COLLAPSE_DISTANCE, collapse_warnings, mean_cosine_distance
 
     g = torch.Generator().manual_seed(0)
     spread = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)

@@ -146,7 +146,7 @@ def test_precision_recall_by_hand():
 
 
 def test_sweep_is_monotone_and_its_ends_are_direct_and_always(backbone, small_world):
-    from mmemb_lab.evaluate import evaluate
+    from mmemb_lab.harness import evaluate
     from mmemb_lab.world.build import toy_registry
 
     root, info = small_world
@@ -169,7 +169,7 @@ def test_sweep_is_monotone_and_its_ends_are_direct_and_always(backbone, small_wo
 def test_stage2_modes_from_one_pass_equal_the_encoders(backbone, small_world, monkeypatch):
     """direct / always / adaptive scored from one gate pass equal evaluate() with the real encoders, and the
     gate block's precision / recall follow from the per-query openings."""
-    from mmemb_lab.evaluate import evaluate
+    from mmemb_lab.harness import evaluate
     from mmemb_lab.stage2 import gate_block, mode_results
     from mmemb_lab.world.build import toy_registry
 
@@ -212,7 +212,7 @@ def test_retime_fixed_modes_takes_the_interleaved_stage1_timings():
 
     evals = {"direct": {"overall": 50.0, "latency_ms_per_query": 15.0},
              "always": {"overall": 55.0, "latency_ms_per_query": 140.0},
-             "oracle": {"overall": 80.0, "latency_ms_per_query": 50.0, "reasoning_share": 0.25},
+             "oracle": {"overall": 80.0, "latency_ms_per_query": 50.0, "reasoned_share": 0.25},
              "adaptive": {"overall": 75.0, "latency_ms_per_query": 45.0}}
     lat = {"stage1_direct_ms": 10.0, "stage1_always_ms": 110.0}
     out = retime_fixed_modes(evals, lat)

@@ -11,11 +11,11 @@ import torch
 from mmemb_lab import distributed, harness
 from mmemb_lab.data import DataError, EvalQuery, EvalSet
 from mmemb_lab.embed import Input, embed
-from mmemb_lab.evaluate import evaluate, score_set
-from mmemb_lab.harness import Encoded, HarnessConfig, MMEBSource, ToySource, run_benchmark
+from mmemb_lab.harness import Encoded, HarnessConfig, MMEBSource, ToySource, evaluate, run_benchmark
 from mmemb_lab.metrics import score_queries
 from mmemb_lab.registry import MMEB_V2
 from mmemb_lab.runs import RunMismatch
+from mmemb_lab.scoring import score_set
 from mmemb_lab.world.build import toy_registry
 from tests.test_mmeb import FIXTURE_DATASETS, write_mmeb
 

@@ -20,8 +20,8 @@ from PIL import Image
 from mmemb_lab import mmeb
 from mmemb_lab.data import DataError
 from mmemb_lab.embed import embed
-from mmemb_lab.evaluate import score_set
 from mmemb_lab.registry import MMEB_V2
+from mmemb_lab.scoring import score_set
 
 LABELS = ["tench", "goldfinch", "tree frog", "scuba diver"]
 
