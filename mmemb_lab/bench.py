@@ -8,21 +8,77 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
+from transformers import PreTrainedTokenizerFast
 
+from . import foundation, stage1
+from .backbone import Backbone, build_tiny
 from .data import item_query
 from .embed import embed
-from .train import atomic_write_text
+from .gate import gate_and_spans, gate_forward
+from .harness import HarnessConfig, ToySource, direct_encoder, run_benchmark
+from .inference import generate_rationales
+from .paths import foundation_dir
+from .scale import memory_estimate
+from .selection import pair_partners, score_candidate, score_pairs, toy_pairs
+from .train import LoopConfig, atomic_write_text, read_metrics, run_loop
+from .workers import toy_rationales
+from .world.build import WorldConfig, build_world, toy_registry
 from .world.tasks import DATASETS, HARD_FRACTION, make_item
 
 
-def _timed(fn, repeats: int = 3) -> float:
-    from .harness import _best_of
+def _best_of(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
 
+
+def _timed(fn, repeats: int = 3) -> float:
     return _best_of(fn, repeats)
+
+
+def harness_bench(backbone: Backbone, n_eval: int = 16, seed: int = 0, repeats: int = 3) -> dict:
+    """Evaluation throughput on a small toy world, and the saving from embedding a global pool once.
+
+    Every number is measured in this call: a fresh harness run (queries/s over all datasets), the same
+    run resumed (nothing recomputed), and on the global ``toy_doc`` pool the time to embed the pool
+    once plus every query, against re-embedding the pool for each query (best of ``repeats`` each).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "world"
+        info = build_world(root, WorldConfig(seed=seed, n_train=0, n_eval=n_eval), progress=False)
+        registry, source = toy_registry(info), ToySource(root)
+        cfg = HarnessConfig(latency_sample=0)
+        t = time.perf_counter()
+        res = run_benchmark(backbone, source, registry, Path(tmp) / "run", cfg, benchmark="toy", progress=False)
+        wall = time.perf_counter() - t
+        t = time.perf_counter()
+        again = run_benchmark(backbone, source, registry, Path(tmp) / "run", cfg, benchmark="toy", progress=False)
+        resumed = time.perf_counter() - t
+        es = source.load(registry["toy_doc"])
+        pool_inputs, queries = list(es.candidates.values()), [x.query for x in es.queries]
+        enc = direct_encoder(backbone)
+        enc(queries[:2])  # warm-up
+        once = _best_of(lambda: (enc(pool_inputs), enc(queries)), repeats)
+        per_query = _best_of(lambda: [(enc(pool_inputs), enc([x])) for x in queries], repeats)
+    n_q = sum(r.n_queries for r in res.per_dataset.values())
+    return {"world": {"seed": seed, "n_eval": n_eval, "datasets": len(registry)},
+            "queries": n_q, "wall_s": wall, "queries_per_s": n_q / wall, "resumed_wall_s": resumed,
+            "resumed_embedded": again.embedded,
+            "global_pool": {"dataset": "toy_doc", "pool": len(pool_inputs), "queries": len(queries),
+                            "once_s": once, "per_query_s": per_query, "saving_ratio": per_query / once}}
 
 
 def embedding_throughput(backbone, n: int = 64, batch_size: int = 32) -> dict:
@@ -44,9 +100,6 @@ def counterfactual_throughput(backbone, n_items: int = 32) -> dict:
     Workload: ``n_items`` training pairs spread over the 8 datasets (the demo scores 192 per dataset); at 32
     pairs, targets shared by pairs of a global-pool dataset are embedded once, as in the demo (past results:
     docs/research-log.md, Selection: batched counterfactual scoring)."""
-    from .selection import pair_partners, score_candidate, score_pairs, toy_pairs
-    from .workers import toy_rationales
-
     names = sorted(DATASETS)
     items = [make_item(names[i % len(names)], 0, "train", i, HARD_FRACTION) for i in range(n_items)]
     pairs = toy_pairs(items, [toy_rationales(it, 0) for it in items])
@@ -70,32 +123,22 @@ def counterfactual_throughput(backbone, n_items: int = 32) -> dict:
                       "pair's targets embedded in one call, nothing shared with other candidates"}
 
 
-_TRAIN_SNIPPET = """
-import json, resource, sys, time, torch
-from mmemb_lab.foundation import load_foundation
-from mmemb_lab.paths import foundation_dir
-from mmemb_lab.stage1 import Stage1Config, Stage1Model, make_step_fn
-from mmemb_lab.world.tasks import DATASETS, HARD_FRACTION, make_item
-chunk, batch, buckets = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-bb, _ = load_foundation(foundation_dir())
-names = sorted(DATASETS)
-data = [(make_item(names[i % 8], 0, "train", i, HARD_FRACTION), None) for i in range(64)]
-data = [(it, " ".join(it.gold_steps) if it.needs_reasoning else None) for it, _ in data]
-fn = make_step_fn(bb, data, Stage1Config(batch_size=batch, chunk_size=chunk, length_buckets=buckets), seed=0)
-module = Stage1Model(bb.model)
-opt = torch.optim.AdamW(bb.model.parameters(), 1e-5)
-times = []
-for step in range(4):
-    t = time.perf_counter()
-    out = fn(step, module)
-    if not out.get("backward_done"):
-        opt.zero_grad(); out["loss"].backward()
-    opt.step()
-    if torch.cuda.is_available(): torch.cuda.synchronize()
-    times.append(time.perf_counter() - t)
-print(json.dumps({"samples_per_s": batch / min(times[1:]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  **({"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {})}))
-"""
+def stage1_steps(chunk: int, batch: int, buckets: int, steps: int = 5) -> dict:
+    """Stage-1 samples/s through the training loop itself (``train.run_loop`` with ``stage1.make_step_fn``, as
+    ``stage1.train_stage1`` runs it; best step after the first) and this process's peak RSS / CUDA memory."""
+    bb, _ = foundation.load_foundation(foundation_dir())
+    names = sorted(DATASETS)
+    items = [make_item(names[i % len(names)], 0, "train", i, HARD_FRACTION) for i in range(64)]
+    data = [(it, " ".join(it.gold_steps) if it.needs_reasoning else None) for it in items]
+    cfg = stage1.Stage1Config(batch_size=batch, chunk_size=chunk, length_buckets=buckets,
+                              loop=LoopConfig(steps=steps, lr=1e-5, warmup=0, log_every=1, ckpt_every=10 ** 6))
+    with tempfile.TemporaryDirectory() as tmp:
+        run_loop(stage1.Stage1Model(bb.model), stage1.make_step_fn(bb, data, cfg, seed=0), cfg.loop, tmp,
+                 resume=False, desc="bench stage 1")
+        wall = [m["wall_s"] for m in read_metrics(tmp)]
+    step_s = min(b - a for a, b in zip(wall, wall[1:]))
+    return {"samples_per_s": batch / step_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **({"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2 ** 20} if torch.cuda.is_available() else {})}
 
 
 def gate_span_reuse(backbone, n: int = 16, max_new_tokens: int = 32, repeats: int = 3) -> dict:
@@ -105,11 +148,6 @@ def gate_span_reuse(backbone, n: int = 16, max_new_tokens: int = 32, repeats: in
     mixed queries; medians (ms) and the median of the per-query ratios. ``same_spans`` checks both wrote
     the same tokens. Paired medians, because best-of-3 totals swung between runs (docs/research-log.md,
     Evaluation: paired medians)."""
-    import numpy as np
-
-    from .gate import gate_and_spans, gate_forward
-    from .inference import generate_rationales
-
     names = sorted(DATASETS)
     inputs = [item_query(make_item(names[i % len(names)], 0, "eval", i, HARD_FRACTION)) for i in range(n)]
     fresh, cont, same = [], [], True
@@ -132,18 +170,14 @@ def gate_span_reuse(backbone, n: int = 16, max_new_tokens: int = 32, repeats: in
 
 
 def training_throughput(batch: int = 32, chunk: int = 8) -> dict:
-    """Stage-1 training samples/s and peak memory (max RSS of a fresh process): unchunked (forwards in
+    """Stage-1 training samples/s and peak memory (:func:`stage1_steps`, each in a fresh process so that its
+    max RSS is its own): unchunked (forwards in
     length buckets, the default), unchunked as one padded batch, and GradCache chunks."""
-    import subprocess
-    import sys
-
-    from .stage1 import Stage1Config
-
     res = {}
-    nb = Stage1Config.length_buckets
+    nb = stage1.Stage1Config.length_buckets
     for name, c, b in (("unchunked", 0, nb), ("unchunked_one_padded_batch", 0, 1), (f"chunked_{chunk}", chunk, nb)):
-        r = subprocess.run([sys.executable, "-c", _TRAIN_SNIPPET, str(c), str(batch), str(b)], capture_output=True,
-                           text=True, check=True)
+        call = f"import json; from mmemb_lab.bench import stage1_steps; print(json.dumps(stage1_steps({c}, {batch}, {b})))"
+        r = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, check=True)
         res[name] = json.loads(r.stdout.strip().splitlines()[-1])
     res["batch"] = batch
     res["length_buckets"] = nb
@@ -155,18 +189,12 @@ def training_throughput(batch: int = 32, chunk: int = 8) -> dict:
 def foundation_throughput(steps: int = 4) -> dict:
     """Stage-0 optimiser steps/s of the tiny spec at the default batch sizes, every term on (descriptions
     and skills with the search-attention term, contrastive with bag of words), on this process's device."""
-    from transformers import PreTrainedTokenizerFast
-
-    from .backbone import build_tiny
-    from .foundation import FoundationConfig, Stage0, make_step_fn
-    from .paths import foundation_dir
-
-    cfg = FoundationConfig()
+    cfg = foundation.FoundationConfig()
     tok = PreTrainedTokenizerFast.from_pretrained(foundation_dir(), padding_side="left")
     backbone = build_tiny(cfg.spec, tok)
-    stage = Stage0(backbone)
+    stage = foundation.Stage0(backbone)
     opt = torch.optim.AdamW(stage.parameters(), lr=1e-4)
-    fn = make_step_fn(backbone, cfg, seed=0)
+    fn = foundation.make_step_fn(backbone, cfg, seed=0)
     times = []
     for k in range(steps + 1):  # the first step warms up (and switches to the eager attention)
         t = time.perf_counter()
@@ -183,11 +211,7 @@ def foundation_throughput(steps: int = 4) -> dict:
 
 
 def run_bench(out: str | Path = "runs/bench") -> dict:
-    from .foundation import load_foundation
-    from .paths import foundation_dir
-    from .scale import memory_estimate
-
-    backbone, _ = load_foundation(foundation_dir())
+    backbone, _ = foundation.load_foundation(foundation_dir())
     res = {"machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
                        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else False,
                        "torch": torch.__version__},
@@ -199,8 +223,6 @@ def run_bench(out: str | Path = "runs/bench") -> dict:
            "stage0_training": foundation_throughput(),
            "paper_memory_estimate_gb": {k: v for k, v in memory_estimate().items() if k != "preset"}}
     try:
-        from .harness import harness_bench
-
         res["evaluation"] = harness_bench(backbone)
     except ImportError:  # the harness arrives with the MMEB-V2 evaluation work
         pass

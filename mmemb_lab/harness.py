@@ -7,12 +7,12 @@ Concept
     result type per level (``scoring.DatasetResult``, ``scoring.BenchmarkResult``); :func:`evaluate` runs it
     on a toy world in one call:
 
-    - **Embeddings are cached per dataset**, in chunks (``out/cache/<mode>/<dataset>/{cand,qry}-<start>.pt``,
+    - **Embeddings are cached per dataset** (``embedding_cache``), in chunks (``out/cache/<mode>/<dataset>/{cand,qry}-<start>.pt``,
       each written atomically). A dataset whose ``<dataset>_score.json`` exists is finished and skipped on
       restart; an interrupted one resumes from its cached chunks. A cache is dropped when what it was
       computed from changed (inputs, prompt, backbone).
     - **Global pools are embedded once**: the candidate table of a dataset is deduplicated by the loader
-      and every query ranks against the same candidate embeddings (``harness_bench`` measures the saving).
+      and every query ranks against the same candidate embeddings (``bench.harness_bench`` measures the saving).
     - **Sharding**: under ``torchrun`` / ``accelerate launch`` each rank embeds a contiguous block of
       chunks into the cache; rank 0 gathers them *through the cache files* (so ranks must share ``out/``)
       and scores. In one process every helper of ``mmemb_lab.distributed`` is a no-op.
@@ -35,7 +35,7 @@ Concept
     ``"raw"`` (VLM2Vec style, no chat roles); all end with ``<|emb|>``. The reasoning modes use ``"user"``.
 
 Used by: ``mmemb-lab benchmark`` and ``evaluate``, the demo (every evaluation of stages 0 and 1), stage 1's
-arms, notebooks 01 and 06, ``make bench`` (``harness_bench``).
+arms, notebooks 01 and 06, ``make bench`` (``bench.harness_bench``).
 
 Deviations from the reference (VLM2Vec), known:
 
@@ -51,39 +51,35 @@ Deviations from the reference (VLM2Vec), known:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
 from . import distributed
 from .backbone import Backbone
-from .data import DataError, load_eval
-from .embed import Input
-from .mmeb import LazyVisual, MMEBSet, dataset_dir, load_dataset, resolve, split_version
+from .data import load_eval
+from .embedding_cache import Embedded, cached_latency, embed_cached, fingerprint, load_cached, prepare_cache
+from .mmeb import MMEBSet, dataset_dir, load_dataset, split_version
 from .modes import (
     ENCODER_MODES,
     PROMPTS,
     Encoded,
     InferenceConfig,
     QueryEncoder,
-    as_encoded,
     collate_prompted,
     direct_encoder,
     embed_prompted,
     encoder_for,
-    latency_ms,
     render_prompt,
     settings_for,
 )
 from .registry import DatasetInfo
-from .runs import Manifest, RunError, RunFolder, file_digest, weights_digest, world_digest
+from .runs import Manifest, RunFolder, file_digest, weights_digest, world_digest
 from .scoring import (
     BenchmarkResult,
     DatasetResult,
@@ -95,13 +91,13 @@ from .scoring import (
     score_set,
     write_dataset,
 )
-from .train import atomic_torch_save, atomic_write_text
+from .train import atomic_write_text
 
 # PROMPTS, Encoded, QueryEncoder, render_prompt, collate_prompted, embed_prompted and direct_encoder live in
 # mmemb_lab.modes (one definition each); they stay importable from here.
 __all__ = ["PROMPTS", "HarnessConfig", "Encoded", "QueryEncoder", "render_prompt", "collate_prompted",
-           "embed_prompted", "direct_encoder", "ToySource", "MMEBSource", "shard", "DatasetResult",
-           "BenchmarkResult", "run_benchmark", "evaluate", "run_oracle", "load_results", "harness_bench"]
+           "embed_prompted", "direct_encoder", "ToySource", "MMEBSource", "DatasetResult",
+           "BenchmarkResult", "run_benchmark", "evaluate", "run_oracle", "load_results"]
 
 log = logging.getLogger(__name__)
 
@@ -193,156 +189,6 @@ def load_results(out_dir: str | Path, registry: Mapping[str, DatasetInfo], mode:
     """The finished datasets of a run folder (its score files), in registry order."""
     d = Path(out_dir) / mode
     return {n: read_dataset(d, n) for n in registry if (d / f"{n}_score.json").exists()}
-
-
-# ---------------------------------------------------------------------------------------------
-# the cached, sharded embedding of one list of inputs
-
-
-def shard(n_chunks: int, rank: int, world: int) -> range:
-    """The contiguous block of chunk indices rank ``rank`` of ``world`` embeds (blocks differ by <= 1)."""
-    return range(n_chunks * rank // world, n_chunks * (rank + 1) // world)
-
-
-def _visual_id(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, LazyVisual):
-        return v.identity()
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_visual_id(x) for x in v) + "]"
-    return f"pil:{v.size}:{hashlib.md5(v.tobytes()).hexdigest()}"
-
-
-def _fingerprint(inputs: Sequence[Input], settings: dict) -> str:
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for x in inputs:
-        h.update(json.dumps([x.name, x.text, x.instruction, x.rationale, _visual_id(x.visual)]).encode())
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class _Embedded:
-    emb: torch.Tensor  # (n, dim); rows of bad inputs are zero
-    bad: dict[int, str]  # input index -> message
-    generated: list  # per input: tokens generated, or None
-    seconds: float  # encoder wall time summed over chunks (whenever they were computed)
-    n_encoded: int  # inputs that went through the encoder (over all chunks)
-    computed_now: int  # inputs encoded in this run
-    rationales: list  # per input: the rationale embedded after ("" where none), or None (not reported)
-    reasoned: list  # per input: whether it reasoned, or None (not reported)
-
-
-def _per_input(ok: list, values, cast, n: int) -> list:
-    """Values reported for the readable inputs ``ok`` (chunk positions, in order), spread over the chunk."""
-    out = [None] * n
-    for (j, _), v in zip(ok, values if values is not None else []):
-        out[j] = None if v is None else cast(v)
-    return out
-
-
-def _embed_cached(kind: str, inputs: Sequence[Input], encode: QueryEncoder, cache: Path, cfg: HarnessConfig,
-                  ) -> _Embedded | None:
-    """Embed ``inputs`` chunk by chunk into ``cache`` (this rank's block); rank 0 returns all, others None."""
-    starts = list(range(0, len(inputs), cfg.chunk_size))
-    computed = 0
-    cache.mkdir(parents=True, exist_ok=True)
-    for ci in shard(len(starts), distributed.rank(), distributed.world_size()):
-        s = starts[ci]
-        f = cache / f"{kind}-{s:08d}.pt"
-        if f.exists():
-            continue
-        chunk = inputs[s:s + cfg.chunk_size]
-        ok, bad = [], {}
-        for j, x in enumerate(chunk):
-            try:
-                ok.append((j, resolve(x)))
-            except DataError as e:
-                if cfg.strict:
-                    raise
-                log.warning("skipping: %s", e)
-                bad[s + j] = str(e)
-        n_before = len(getattr(encode, "generated_tokens", None) or [])
-        t = time.perf_counter()
-        out = as_encoded(encode([x for _, x in ok])) if ok else None
-        seconds = time.perf_counter() - t
-        tokens, rationales, reasoned = (None, None, None) if out is None else \
-            (out.generated_tokens, out.rationales, out.reasoned)
-        log_ = getattr(encode, "generated_tokens", None)  # or an encoder that appends one count per input
-        if tokens is None and isinstance(log_, list) and len(log_) - n_before == len(ok):
-            tokens = log_[n_before:]
-        full = None
-        if out is not None:
-            full = torch.zeros(len(chunk), out.embeddings.shape[-1])
-            full[[j for j, _ in ok]] = out.embeddings.detach().float().cpu()
-        atomic_torch_save({"emb": full, "bad": bad, "generated": _per_input(ok, tokens, int, len(chunk)),
-                           "rationales": _per_input(ok, rationales, str, len(chunk)),
-                           "reasoned": _per_input(ok, reasoned, bool, len(chunk)),
-                           "seconds": seconds, "n_encoded": len(ok)}, f)
-        computed += len(ok)
-    distributed.barrier()
-    if not distributed.is_main():
-        return None
-    parts = []
-    for s in starts:
-        f = cache / f"{kind}-{s:08d}.pt"
-        if not f.exists():
-            raise RuntimeError(f"{f} is missing after every rank embedded its shard: ranks must share {cache}")
-        parts.append(torch.load(f, weights_only=True))
-    return _concat(parts, computed)
-
-
-def _concat(parts: list[dict], computed: int) -> _Embedded:
-    """One :class:`_Embedded` from cached chunks in input order."""
-    dim = next((p["emb"].shape[-1] for p in parts if p["emb"] is not None), 1)
-    emb = torch.cat([p["emb"] if p["emb"] is not None else torch.zeros(len(p["generated"]), dim) for p in parts]) \
-        if parts else torch.zeros(0, dim)
-
-    def every(key):  # chunks cached before a field existed report nothing for it
-        return [v for p in parts for v in p.get(key, [None] * len(p["generated"]))]
-    return _Embedded(emb, {i: m for p in parts for i, m in p["bad"].items()}, every("generated"),
-                     sum(p["seconds"] for p in parts), sum(p["n_encoded"] for p in parts), computed,
-                     every("rationales"), every("reasoned"))
-
-
-def _load_cached(kind: str, cache: Path, n: int) -> _Embedded:
-    """The cached ``kind`` embeddings of a finished run (whatever its chunk size), or ``RunError`` naming
-    what is missing."""
-    files = sorted(cache.glob(f"{kind}-*.pt"))  # zero-padded starts: name order is input order
-    parts = [torch.load(f, weights_only=True) for f in files]
-    starts = [int(f.stem.split("-")[1]) for f in files]
-    sizes = [len(p["generated"]) for p in parts]
-    if sum(sizes) != n or starts != [sum(sizes[:i]) for i in range(len(sizes))]:
-        raise RunError(f"{cache}: the cached {kind} embeddings do not cover the {n} inputs of this dataset "
-                       f"(chunks at {starts[:8]}); rerun that mode with --overwrite")
-    return _concat(parts, 0)
-
-
-def _prepare_cache(cache: Path, kind: str, fingerprint: str) -> None:
-    """Rank 0 drops ``kind`` chunks computed from other inputs or settings (and, for queries, the timed
-    latency), then records the fingerprint."""
-    meta = cache / f"{kind}.json"
-    if meta.exists() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
-        return
-    for f in cache.glob(f"{kind}-*.pt"):
-        f.unlink()
-    if kind == "qry":
-        (cache / _LATENCY).unlink(missing_ok=True)
-    atomic_write_text(meta, json.dumps({"fingerprint": fingerprint}))
-
-
-_LATENCY = "latency.json"
-
-
-def _cached_latency(encode: QueryEncoder, es: MMEBSet, cache: Path, cfg: HarnessConfig) -> float | None:
-    """ms per query at batch size 1 on the first ``cfg.latency_sample`` queries, timed once per cache."""
-    f = cache / _LATENCY
-    if f.exists():
-        return json.loads(f.read_text())["ms_per_query"]
-    sample = [resolve(x.query) for x in es.queries[:cfg.latency_sample]]
-    latency = latency_ms(encode, sample) if sample else None
-    atomic_write_text(f, json.dumps({"ms_per_query": latency}))
-    return latency
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,15 +309,15 @@ def _run(backbone, source, registry, cfg, encode, cand_encode, settings, res_dir
         cands, queries = list(es.candidates.values()), [q.query for q in es.queries]
         if main:
             common = {**settings, "chunk_size": cfg.chunk_size}
-            _prepare_cache(cache, "cand", _fingerprint(cands, {**common, "mode": "candidates"}))
-            _prepare_cache(cache, "qry", _fingerprint(queries, common))
+            prepare_cache(cache, "cand", fingerprint(cands, {**common, "mode": "candidates"}))
+            prepare_cache(cache, "qry", fingerprint(queries, common))
         distributed.barrier()
-        c = _embed_cached("cand", cands, cand_encode, cache, cfg)
-        q = _embed_cached("qry", queries, encode, cache, cfg)
+        c = embed_cached("cand", cands, cand_encode, cache, cfg)
+        q = embed_cached("qry", queries, encode, cache, cfg)
         if main:
             embedded["candidates"] += c.computed_now
             embedded["queries"] += q.computed_now
-            r = _score_and_write(info, es, q, c, lambda es2: _cached_latency(encode, es2, cache, cfg), res_dir, cfg,
+            r = _score_and_write(info, es, q, c, lambda es2: cached_latency(encode, es2, cache, cfg), res_dir, cfg,
                                  backbone.video_mode)
             if r is not None:
                 per[name] = r
@@ -526,8 +372,8 @@ def run_oracle(backbone: Backbone, source, registry: Mapping[str, DatasetInfo], 
                 continue  # not found or no usable query: missing in both modes, as here
             es = source.load(info, strict=cfg.strict)
             cached = {m: out_dir / "cache" / m / name for m in runs}
-            c = _load_cached("cand", cached["direct"], len(es.candidates))
-            qd, qa = (_load_cached("qry", cached[m], len(es.queries)) for m in ("direct", "always"))
+            c = load_cached("cand", cached["direct"], len(es.candidates))
+            qd, qa = (load_cached("qry", cached[m], len(es.queries)) for m in ("direct", "always"))
             r = _score_oracle(info, es, qd, qa, c, runs["direct"].per_dataset[name].latency_ms_per_query,
                               runs["always"].per_dataset[name].latency_ms_per_query, res_dir, cfg,
                               backbone.video_mode)
@@ -537,7 +383,7 @@ def run_oracle(backbone: Backbone, source, registry: Mapping[str, DatasetInfo], 
                        upper_bound=True)
 
 
-def _score_oracle(info: DatasetInfo, es: MMEBSet, qd: _Embedded, qa: _Embedded, c: _Embedded,
+def _score_oracle(info: DatasetInfo, es: MMEBSet, qd: Embedded, qa: Embedded, c: Embedded,
                   lat_direct: float | None, lat_always: float | None, res_dir: Path, cfg: HarnessConfig,
                   video_mode: str) -> DatasetResult | None:
     """One dataset of the oracle from the direct and always query embeddings and the candidates'."""
@@ -556,7 +402,7 @@ def _score_oracle(info: DatasetInfo, es: MMEBSet, qd: _Embedded, qa: _Embedded, 
 
     def pick(i, if_always, if_direct):
         return None if i not in kept else (if_always if use[i] else if_direct)
-    q = _Embedded(torch.where(torch.as_tensor(use)[:, None], qa.emb, qd.emb), bad,
+    q = Embedded(torch.where(torch.as_tensor(use)[:, None], qa.emb, qd.emb), bad,
                   [pick(i, qa.generated[i], 0) for i in range(len(use))],
                   mixed_cost(qd.seconds, qa.seconds, share), qd.n_encoded, 0,
                   [pick(i, qa.rationales[i], "") for i in range(len(use))], [pick(i, bool(u), False)
@@ -565,7 +411,7 @@ def _score_oracle(info: DatasetInfo, es: MMEBSet, qd: _Embedded, qa: _Embedded, 
     return _score_and_write(info, es, q, c, lambda _: latency, res_dir, cfg, video_mode)
 
 
-def _score_and_write(info: DatasetInfo, es: MMEBSet, q: _Embedded, c: _Embedded,
+def _score_and_write(info: DatasetInfo, es: MMEBSet, q: Embedded, c: Embedded,
                      latency_of: Callable[[MMEBSet], float | None], res_dir: Path, cfg: HarnessConfig,
                      video_mode: str) -> DatasetResult | None:
     """Score one dataset from its query and candidate embeddings; write its predictions, then its score file.
@@ -588,53 +434,3 @@ def _score_and_write(info: DatasetInfo, es: MMEBSet, q: _Embedded, c: _Embedded,
     write_dataset(res_dir, r, [ids[i] for i in kept_q], [q.generated[i] for i in kept_q],
                   [q.reasoned[i] for i in kept_q], [q.rationales[i] for i in kept_q])
     return r
-
-
-# ---------------------------------------------------------------------------------------------
-# make bench
-
-
-def _best_of(fn: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def harness_bench(backbone: Backbone, n_eval: int = 16, seed: int = 0, repeats: int = 3) -> dict:
-    """Evaluation throughput on a small toy world, and the saving from embedding a global pool once.
-
-    Every number is measured in this call: a fresh harness run (queries/s over all datasets), the same
-    run resumed (nothing recomputed), and on the global ``toy_doc`` pool the time to embed the pool
-    once plus every query, against re-embedding the pool for each query (best of ``repeats`` each).
-    """
-    import tempfile
-
-    from .world.build import WorldConfig, build_world, toy_registry
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "world"
-        info = build_world(root, WorldConfig(seed=seed, n_train=0, n_eval=n_eval), progress=False)
-        registry, source = toy_registry(info), ToySource(root)
-        cfg = HarnessConfig(latency_sample=0)
-        t = time.perf_counter()
-        res = run_benchmark(backbone, source, registry, Path(tmp) / "run", cfg, benchmark="toy", progress=False)
-        wall = time.perf_counter() - t
-        t = time.perf_counter()
-        again = run_benchmark(backbone, source, registry, Path(tmp) / "run", cfg, benchmark="toy", progress=False)
-        resumed = time.perf_counter() - t
-        es = source.load(registry["toy_doc"])
-        pool_inputs, queries = list(es.candidates.values()), [x.query for x in es.queries]
-        enc = direct_encoder(backbone)
-        enc(queries[:2])  # warm-up
-        once = _best_of(lambda: (enc(pool_inputs), enc(queries)), repeats)
-        per_query = _best_of(lambda: [(enc(pool_inputs), enc([x])) for x in queries], repeats)
-    n_q = sum(r.n_queries for r in res.per_dataset.values())
-    return {"world": {"seed": seed, "n_eval": n_eval, "datasets": len(registry)},
-            "queries": n_q, "wall_s": wall, "queries_per_s": n_q / wall, "resumed_wall_s": resumed,
-            "resumed_embedded": again.embedded,
-            "global_pool": {"dataset": "toy_doc", "pool": len(pool_inputs), "queries": len(queries),
-                            "once_s": once, "per_query_s": per_query, "saving_ratio": per_query / once}}
-

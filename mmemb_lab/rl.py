@@ -207,20 +207,23 @@ def group_advantages(rewards, group_size: int, scale: str = "group", eps: float 
 
 @dataclass(frozen=True)
 class RLConfig:
-    """Stage-2 settings (all defaults ours; the paper's are not public)."""
+    """Stage-2 settings. The defaults are what the demo runs (ours; the paper's are not public), the decision
+    alone trained with Dr. GRPO; :meth:`textbook` gives GRPO as published (every weight, sampled rationales,
+    group-std scaling), which left the gate shut everywhere here (docs/research-log.md, Stage 2: the GRPO
+    settings)."""
 
-    steps: int = 100
+    steps: int = 80
     """Optimiser steps (one generation batch each)."""
-    lr: float = 1e-4
-    """Learning rate (AdamW, constant)."""
+    lr: float = 3e-3
+    """Learning rate (AdamW, constant). High because only one output-embedding row trains (``train``)."""
     prompts_per_step: int = 8
     """Distinct queries per step (per process); each is sampled ``num_generations`` times."""
-    num_generations: int = 8
+    num_generations: int = 6
     """Group size G: completions per query, normalised together."""
     max_completion_length: int = 64
     """Token budget of a completion (decision + span + <|emb|>); a span still open at the end is "unclosed"."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
+    temperature: float = 0.8
+    """Sampling temperature of the rollouts (textbook: 1.0)."""
     beta: float = 0.0
     """KL coefficient to the initial policy (0: no reference model, trl's default)."""
     epsilon: float = 0.2
@@ -229,27 +232,27 @@ class RLConfig:
     """Policy updates per generation batch."""
     loss_type: str = "dapo"
     """trl loss aggregation ("grpo", "dr_grpo", "dapo", "bnpo", ...)."""
-    scale_rewards: str = "group"
-    """Advantage scaling: "group" (textbook GRPO), "batch" or "none" (Dr. GRPO)."""
+    scale_rewards: str = "none"
+    """Advantage scaling: "group" (textbook GRPO), "batch" or "none" (Dr. GRPO, ours)."""
     constrain_decision: bool = True
     """Sample only <think> or <|emb|> as the first token (see module docstring)."""
-    decision_exploration: float = 0.0
-    """Exploration on the decision (ours): the first token is sampled from (1 - eps) * p + eps * uniform over
+    decision_exploration: float = 0.5
+    """Exploration on the decision (ours; textbook: 0): the first token is sampled from (1 - eps) * p + eps * uniform over
     {<think>, <|emb|>}. A stage-1 model that almost always opens (p_open 0.99) otherwise samples whole groups
     that all reason; their advantages sum to zero on the shared first token and the gate cannot learn."""
-    rationale: str = "sampled"
+    rationale: str = "greedy"
     """What a ``<think>`` decision is credited with: "sampled" (the rationale trl samples in the rollout, textbook)
     or "greedy" (ours; needs ``train="decision"``): rollouts sample the decision token alone, and an opening
     is scored with the greedy rationale the model writes at inference (``GreedyRationales``, generated once per
     query: the writer is frozen)."""
-    train: str = "all"
+    train: str = "decision"
     """What GRPO updates: "all" (every trainable weight: the decision, the rationales and, through shared
     weights, the embedding) or "decision" (ours: only the ``<think>`` row of the (untied) output embedding, i.e.
     a linear gate on the state at the assistant start; the embedder and the rationale writer stay as stage 1
     left them)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward constants (``mmemb_lab.rewards``)."""
-    probe_every: int = 10
+    probe_every: int = 5
     """Measure the gate's invocation rate on the probe set every this many steps (and at 0 and the end)."""
     probe_threshold: float = THRESHOLD
     """Gate threshold for the probe's invocation rate."""
@@ -261,6 +264,13 @@ class RLConfig:
     """Extra ``trl.GRPOConfig`` arguments, applied last (GPU users: ``use_vllm``, ``vllm_mode``, ``bf16``...)."""
     seed: int = 0
     """Seed of trl's sampler and rollouts."""
+
+    @classmethod
+    def textbook(cls, **kw) -> "RLConfig":
+        """GRPO as published: every trainable weight, the sampled rationale credited, group-std advantages,
+        temperature 1, no decision exploration; ``kw`` overrides any field."""
+        return cls(**{"train": "all", "rationale": "sampled", "scale_rewards": "group", "temperature": 1.0,
+                      "decision_exploration": 0.0, **kw})
 
     def __post_init__(self):
         if self.steps < 1 or self.lr <= 0 or self.prompts_per_step < 1 or self.num_generations < 2:

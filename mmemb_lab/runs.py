@@ -25,6 +25,7 @@ Used by: ``mmemb-lab`` (every writing command), the demo, the harness (one manif
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -60,8 +61,11 @@ class RunLocked(RunError):
 # digests
 
 
+@functools.cache
 def code_version() -> str:
-    """The package version and a digest of its source files (a code change is a different run)."""
+    """The package version and a digest of its source files (a code change is a different run), read once per
+    process: the code a process runs is the code it imported, so a file edited on disk during a long run
+    changes neither what runs nor the identity of what it writes."""
     from . import __version__
 
     root = Path(__file__).resolve().parent

@@ -45,11 +45,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage2Config:
-    rl: RLConfig = field(default_factory=lambda: RLConfig(steps=80, lr=3e-3, prompts_per_step=8, num_generations=6,
-                                                           max_completion_length=64, temperature=0.8, probe_every=5,
-                                                           decision_exploration=0.5, train="decision",
-                                                           rationale="greedy", scale_rewards="none"))
-    """GRPO settings (``mmemb_lab.rl.RLConfig``; ours). The decision alone trains (the direct path and the
+    rl: RLConfig = field(default_factory=RLConfig)
+    """GRPO settings (``mmemb_lab.rl.RLConfig``, whose defaults are ours). The decision alone trains (the direct path and the
     rationale writer cannot change), each opening is scored with the greedy rationale inference writes,
     and advantages are not divided by the group's std (Dr. GRPO). Why: with group-std scaling, or
     log-probability rewards, the gate shut everywhere (docs/research-log.md, Stage 2: the GRPO settings)."""

@@ -27,10 +27,11 @@ import pytest
 from mmemb_lab.paths import runs_dir
 
 NOTEBOOK_DIR = Path(__file__).parent.parent / "notebooks"
-# the notebooks with figures or widgets that a browser must draw, and how many plotly figures each shows at least
-# under the tiny preset; the others (and these) run under nbclient in tests/test_notebooks.py
-FIGURES = {"00_quickstart.ipynb": 1, "03_counterfactual_gains.ipynb": 3, "05_adaptive_gate.ipynb": 2,
-           "07_paper_figures.ipynb": 6}
+# every notebook, and how many plotly figures each shows at least under the tiny preset (all of them also run
+# under nbclient in tests/test_notebooks.py)
+FIGURES = {"00_quickstart.ipynb": 1, "01_toy_world_and_embeddings.ipynb": 4, "02_latent_reasoning.ipynb": 2,
+           "03_counterfactual_gains.ipynb": 3, "04_stage1_training.ipynb": 1, "05_adaptive_gate.ipynb": 2,
+           "06_evaluation.ipynb": 2, "07_paper_figures.ipynb": 6}
 RUN_TIMEOUT_S = 900  # one notebook, as in test_notebooks.py
 REQUIRE = os.environ.get("MMEMB_REQUIRE_BROWSER") == "1"
 
@@ -278,3 +279,9 @@ def test_notebook_draws_offline_in_jupyterlab(browser, lab, name):
     finally:
         page.evaluate(_SHUTDOWN, name)
         page.context.close()
+
+
+def test_every_notebook_is_opened_in_the_browser():
+    """A new notebook must join FIGURES: nbclient cannot see what a browser draws (a figure whose script is
+    loaded from a CDN stays blank offline, and only a browser shows it)."""
+    assert set(FIGURES) == {p.name for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")}

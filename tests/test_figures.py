@@ -25,7 +25,7 @@ def test_png_and_pdf_for_every_figure_from_one_session(tmp_path):
 
 
 def test_without_a_browser_only_html_and_a_warning(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(figures, "find_browser", lambda: None)
+    monkeypatch.setattr(figures.export, "find_browser", lambda: None)
     (tmp_path / "a.pdf").write_bytes(b"%PDF- stale")  # an older export never outlives its HTML
     with caplog.at_level(logging.WARNING, logger=figures.__name__):
         figures.save_figures(_figs(), tmp_path, run="t", pdf=True)

@@ -11,6 +11,7 @@ import torch
 from mmemb_lab import distributed, harness
 from mmemb_lab.data import DataError, EvalQuery, EvalSet
 from mmemb_lab.embed import Input, embed
+from mmemb_lab.embedding_cache import shard
 from mmemb_lab.harness import Encoded, HarnessConfig, MMEBSource, ToySource, evaluate, run_benchmark
 from mmemb_lab.metrics import score_queries
 from mmemb_lab.registry import MMEB_V2
@@ -163,8 +164,8 @@ def test_two_ranks_embed_disjoint_contiguous_blocks(backbone, small_world, tmp_p
     source, reg = _toy(small_world, ("toy_doc",))
     cfg = HarnessConfig(chunk_size=3, latency_sample=0)
     one = run_benchmark(backbone, source, reg, tmp_path / "one", cfg, progress=False)
-    assert [list(harness.shard(7, r, 2)) for r in (0, 1)] == [[0, 1, 2], [3, 4, 5, 6]]
-    assert [list(harness.shard(4, r, 1)) for r in (0,)] == [[0, 1, 2, 3]]
+    assert [list(shard(7, r, 2)) for r in (0, 1)] == [[0, 1, 2], [3, 4, 5, 6]]
+    assert [list(shard(4, r, 1)) for r in (0,)] == [[0, 1, 2, 3]]
     seen = {0: set(), 1: set()}
 
     def as_rank(r):
@@ -326,7 +327,9 @@ def test_collapsed_encoder_is_flagged_in_the_score_file(backbone, small_world, t
 
 
 def test_harness_bench_measures_throughput_and_the_global_pool_saving(backbone):
-    b = harness.harness_bench(backbone, n_eval=4)
+    from mmemb_lab.bench import harness_bench
+
+    b = harness_bench(backbone, n_eval=4)
     assert b["queries"] == 8 * 4 and b["queries_per_s"] > 0, b
     assert b["resumed_embedded"] == {"queries": 0, "candidates": 0}, b
     g = b["global_pool"]

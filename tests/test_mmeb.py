@@ -360,7 +360,7 @@ def test_download_calls_snapshot_download_per_repo_and_unpacks(tmp_path, monkeyp
         return str(local)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    monkeypatch.setattr(mmeb, "_commit_of", lambda repo, rev: "abc123")
+    monkeypatch.setattr(mmeb.hub, "_commit_of", lambda repo, rev: "abc123")
     to = tmp_path / "dl"
     man = mmeb.download(to, datasets=["ImageNet-1K", "MSR-VTT", "K700", "ViDoRe_arxivqa"])
     assert [c[0] for c in calls] == ["TIGER-Lab/MMEB-eval", "TIGER-Lab/MMEB-V2", "vidore/arxivqa_test_subsampled_beir"]
@@ -376,7 +376,7 @@ def test_download_calls_snapshot_download_per_repo_and_unpacks(tmp_path, monkeyp
     assert frames == to / "video" / "video-tasks" / "frames"
     assert (frames / "video_ret" / "MSR-VTT" / "video0" / "frame_1.jpg").exists()
     assert (frames / "video_cls" / "K700" / "k0" / "frame_1.jpg").exists()  # several top folders: video_cls/
-    assert mmeb._clip_folder(frames, MMEB_V2["K700"], "k0") == frames / "video_cls" / "K700" / "k0"
+    assert mmeb.loaders._clip_folder(frames, MMEB_V2["K700"], "k0") == frames / "video_cls" / "K700" / "k0"
     assert man["datasets"]["ViDoRe_arxivqa"]["split_version"] == "vidore/arxivqa_test_subsampled_beir@abc123"
     assert mmeb.split_version(to, "MSR-VTT") == "TIGER-Lab/MMEB-V2@abc123"
     (to / "image" / "images" / "ImageNet-1K" / "val_0.JPEG").unlink()

@@ -87,8 +87,8 @@ def one_thread():
 
 def _run(bb, tmp_path, reward_funcs=None, reward=RewardConfig(), steps=4, progress=False, **kw):
     pairs = toy_rl_pairs(0, 0.5, 1, datasets=["toy_qa", "toy_t2i", "toy_cls", "toy_doc"])
-    cfg = RLConfig(steps=steps, lr=3e-2, prompts_per_step=2, num_generations=4, max_completion_length=6,
-                   probe_every=2, reward=reward, **kw)
+    cfg = RLConfig.textbook(steps=steps, lr=3e-2, prompts_per_step=2, num_generations=4, max_completion_length=6,
+                            probe_every=2, reward=reward, **kw)
     before = probe_invocation(bb, [p.query for p in pairs])["mean_p_open"]
     res = train_rl(bb, pairs, cfg, tmp_path, reward_funcs=reward_funcs, progress=progress)
     after = probe_invocation(bb, [p.query for p in pairs])["mean_p_open"]
@@ -219,7 +219,7 @@ def test_decision_only_grpo_with_greedy_rationales(make_backbone, tmp_path, one_
 
 def test_config_validation():
     with pytest.raises(ValueError):
-        RLConfig(rationale="greedy")  # the cached greedy rationale is only exact for a frozen writer
+        RLConfig(rationale="greedy", train="all")  # the cached greedy rationale is only exact for a frozen writer
     with pytest.raises(ValueError):
         RLConfig(num_generations=1)
     with pytest.raises(ValueError):
