@@ -24,7 +24,8 @@ Concept
     tokens (span markers, punctuation, connectives), and the cells its steps name should carry more
     than the other cells of the scene (:func:`named_cells`, :func:`cell_attribution`).
 
-Used by: ``figures.attribution_examples`` (``make figures``, notebook 07), tests/test_attribution.py.
+Used by: ``figures.attribution_examples`` (``make figures``, notebook 07; its heat maps are
+``figures.token_figure`` and ``figures.patch_figure``), tests/test_attribution.py.
 
 Deviations: none from IG itself; the summed-per-token and summed-per-patch readouts, the pad and
 mean-colour baselines and the word classes of :func:`word_kind` are our choices.
@@ -38,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Collection, Sequence
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
 from PIL import Image
 
@@ -416,47 +416,3 @@ def explain_item(backbone: Backbone, item, rationale: str | None = None, n_steps
     tokens = attribute_tokens(backbone, q, t, n_steps)
     patches = attribute_patches(backbone, q, t, n_steps) if q.images() else None
     return tokens, patches
-
-
-# ---------------------------------------------------------------------------------------------
-# figures
-
-
-def token_figure(attr: TokenAttribution, span_only: bool = True, title: str | None = None) -> go.Figure:
-    """The prompt's tokens as a heat strip, shaded by signed attribution (blue +, red -), wrapped in rows."""
-    toks = [t for t in attr.tokens if t.in_span or not span_only]
-    per_row = 16
-    n_rows = max(1, -(-len(toks) // per_row))
-    z = np.full((n_rows, per_row), np.nan)
-    text = np.full((n_rows, per_row), "", dtype=object)
-    for i, t in enumerate(toks):
-        z[i // per_row, i % per_row] = t.value
-        text[i // per_row, i % per_row] = t.token.replace("<", "&lt;").replace(">", "&gt;")
-    lim = float(np.nanmax(np.abs(z))) if toks else 1.0
-    fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", zmin=-lim, zmax=lim, colorscale="RdBu",
-                               hovertemplate="%{text}: %{z:.4f}<extra></extra>", colorbar_title="IG"))
-    fig.update_yaxes(autorange="reversed", showticklabels=False)
-    fig.update_xaxes(showticklabels=False)
-    fig.update_layout(title=title or f"token attribution of s(e(q + r), e(t+)) = {attr.similarity:.3f} "
-                                     f"(pad baseline {attr.baseline_similarity:.3f})",
-                      template="plotly_white", height=120 + 40 * n_rows)
-    return fig
-
-
-def patch_figure(patches: PatchAttribution, image: int = 0, title: str | None = None) -> go.Figure:
-    """The query image with its per-patch attribution (absolute) laid over it as a translucent heat map."""
-    im = np.asarray(patches.images[image]) if patches.images else None
-    g = np.abs(patches.grids[image])
-    w, h = patches.image_sizes[image]
-    p = patches.patch_size
-    fig = go.Figure()
-    if im is not None:
-        fig.add_trace(go.Image(z=im))
-    fig.add_trace(go.Heatmap(z=g, x=np.arange(g.shape[1]) * p + (p - 1) / 2, y=np.arange(g.shape[0]) * p + (p - 1) / 2,
-                             colorscale="Hot", opacity=0.55, colorbar_title="|IG|",
-                             hovertemplate="patch (%{y}, %{x}): %{z:.4f}<extra></extra>"))
-    fig.update_xaxes(range=[-0.5, w - 0.5], showticklabels=False)
-    fig.update_yaxes(range=[h - 0.5, -0.5], showticklabels=False, scaleanchor="x")
-    fig.update_layout(title=title or f"patch attribution (mean-colour baseline; s = {patches.similarity:.3f})",
-                      template="plotly_white", width=420, height=420)
-    return fig

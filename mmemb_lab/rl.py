@@ -74,112 +74,25 @@ import numpy as np
 import torch
 
 from .backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN, Backbone
-from .embed import Input, storyboard
+from .embed import Input
 from .inference import THRESHOLD
 from .rewards import PairTargets, RewardConfig, reward_functions
+from .rl_data import CHAT_TEMPLATE, make_processor, prompt_messages, rl_dataset, toy_rl_pairs
+from .rl_decision import (
+    DecisionExploration,
+    GreedyRationales,
+    WithGreedyRationale,
+    _decision_only,
+    _with_processor,
+    untie_output_embedding,
+)
+
+# what a user of stage 2 reaches for, wherever it is defined
+__all__ = ["RLConfig", "RLResult", "train_rl", "probe_invocation", "group_advantages", "read_rl_run", "toy_rl_pairs",
+           "make_processor", "prompt_messages", "rl_dataset", "CHAT_TEMPLATE", "GreedyRationales",
+           "DecisionExploration", "untie_output_embedding"]
 
 log = logging.getLogger(__name__)
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ p['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-"""Renders a user turn exactly as ``embed.prompt_text`` does (vision blocks, then instruction and text)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# processor and dataset
-
-
-class _NoVideoProcessor:
-    """Mixin for the Qwen-VL processors: no video processor (the stock one needs torchvision), and image
-    lists flattened with prompts without images dropped (trl passes ``None`` for a text-only prompt)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    def __call__(self, images=None, text=None, **kwargs):
-        if isinstance(images, (list, tuple)):
-            flat = []
-            for x in images:
-                if isinstance(x, (list, tuple)):
-                    flat.extend(y for y in x if y is not None)
-                elif x is not None:
-                    flat.append(x)
-            images = flat or None
-        return super().__call__(images=images, text=text, **kwargs)
-
-
-_PROCESSOR_CLASSES: dict[str, type] = {}
-
-
-def _processor_class(arch: str) -> type:
-    if arch not in _PROCESSOR_CLASSES:
-        import transformers
-
-        base = {"qwen3_vl": "Qwen3VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                "qwen2_vl": "Qwen2VLProcessor"}[arch]
-        _PROCESSOR_CLASSES[arch] = type(f"Emb{base}", (_NoVideoProcessor, getattr(transformers, base)), {})
-    return _PROCESSOR_CLASSES[arch]
-
-
-def make_processor(backbone: Backbone):
-    """The processing class trl needs for a VLM: tokenizer + PIL image processor + our chat template."""
-    return _processor_class(backbone.arch)(backbone.image_processor, backbone.tokenizer, chat_template=CHAT_TEMPLATE)
-
-
-def prompt_messages(inp: Input, video_mode: str = "frames_as_images") -> tuple[list[dict], list]:
-    """(conversational prompt with image placeholders, its images) rendering like ``embed.prompt_text``."""
-    ims = [im.convert("RGB") for im in inp.images()]
-    if len(ims) > 1 and video_mode == "storyboard":
-        ims = [storyboard(ims)]
-    content = []
-    for k in range(len(ims)):
-        if len(ims) > 1:
-            content.append({"type": "text", "text": f"frame {k + 1}: "})
-        content.append({"type": "image", "text": None})
-    content.append({"type": "text", "text": "\n".join(x for x in (inp.instruction, inp.text) if x)})
-    return [{"role": "user", "content": content}], ims
-
-
-def rl_dataset(pairs: Sequence[PairTargets], video_mode: str = "frames_as_images"):
-    """A ``datasets.Dataset`` of prompts for trl: ``prompt``, ``images``, and the columns the rewards and
-    analysis read (``item_id``, ``needs_reasoning``, ``dataset``)."""
-    from datasets import Dataset, Features, Image, List, Value
-
-    rows = []
-    for p in pairs:
-        msgs, ims = prompt_messages(p.query, video_mode)
-        rows.append({"prompt": msgs, "images": ims, "item_id": p.key, "needs_reasoning": p.needs_reasoning,
-                     "dataset": p.dataset})
-    feats = Features({"prompt": List({"role": Value("string"),
-                                      "content": List({"type": Value("string"), "text": Value("string")})}),
-                      "images": List(Image()), "item_id": Value("string"), "needs_reasoning": Value("bool"),
-                      "dataset": Value("string")})
-    return Dataset.from_list(rows, features=feats)
-
-
-def toy_rl_pairs(world_seed: int, hard_fraction: float, n_per_dataset: int, start: int = 0,
-                 datasets: Sequence[str] | None = None, seed: int = 0) -> list[PairTargets]:
-    """Training queries of the toy world (``train`` split, indices ``start..start+n-1`` per dataset) with
-    the same positives and negatives as posterior selection (``selection.toy_pairs``)."""
-    from .data import item_query
-    from .selection import toy_pairs
-    from .world.tasks import DATASETS, make_item
-
-    items = [make_item(d, world_seed, "train", start + i, hard_fraction)
-             for d in (datasets or sorted(DATASETS)) for i in range(n_per_dataset)]
-    return [PairTargets(p.item.item_id, item_query(p.item), p.positive, tuple(p.negatives),
-                        bool(p.item.needs_reasoning), p.item.dataset)
-            for p in toy_pairs(items, [[] for _ in items], seed=seed)]
-
-
-# ---------------------------------------------------------------------------------------------
-# advantages
-
 
 def group_advantages(rewards, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """GRPO advantages as trl computes them: reward minus its group's mean, divided by the group's
@@ -428,121 +341,6 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     log.info("stage 2: %d GRPO steps in %.0f s; invocation rate %s -> %s", steps, wall,
              records[0]["invocation_rate"] if records else None, records[-1]["invocation_rate"] if records else None)
     return RLResult(history, records, steps, wall)
-
-
-class GreedyRationales:
-    """The rationale the model writes greedily after ``<think>`` for each training query, generated once, at
-    construction, in batches, by ``inference.generate_rationales`` (its own greedy loop: the exploration that
-    ``train_rl`` adds to the model's ``generate`` for rollouts never reaches it). With ``train="decision"``
-    the writer does not change during RL (``inference.generate_rationales`` cannot draw the one row that
-    trains, ``<think>``, inside a span), so the cache stays exact.
-
-    :meth:`expand` turns a decision-only completion into the full one inference would produce:
-    ``[<think>]`` -> ``[<think>, r..., </think>]`` (no ``</think>`` if the budget ran out), ``[<|emb|>]``
-    unchanged; so the stage-2 reward functions score it exactly as a sampled completion."""
-
-    def __init__(self, backbone: Backbone, pairs: Sequence[PairTargets], max_new_tokens: int, batch_size: int = 32):
-        from .inference import generate_rationales
-
-        self.think, close = backbone.token_id(THINK_OPEN), backbone.token_id(THINK_CLOSE)
-        keys = list(dict.fromkeys(p.key for p in pairs))
-        query = {p.key: p.query for p in pairs}
-        g = generate_rationales(backbone, [query[k] for k in keys], max_new_tokens, batch_size)
-        self.span = {k: list(ids) + ([close] if c else []) for k, ids, c in zip(keys, g.ids, g.closed)}
-
-    def expand(self, keys: Sequence[str], completion_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-        out = []
-        for k, ids in zip(keys, completion_ids):
-            ids = [int(i) for i in ids]
-            out.append([self.think, *self.span[k]] if ids[:1] == [self.think] else ids)
-        return out
-
-
-class WithGreedyRationale:
-    """A trl reward function applied to :meth:`GreedyRationales.expand`-ed completions (same name for trl's log)."""
-
-    def __init__(self, reward_func, writer: GreedyRationales):
-        from trl.trainer.utils import get_callable_name
-
-        self.reward_func, self.writer = reward_func, writer
-        self.__name__ = get_callable_name(reward_func)
-
-    def __call__(self, prompts=None, completions=None, completion_ids=None, item_id=None, **kw) -> list[float]:
-        full = self.writer.expand(list(item_id), completion_ids)
-        return self.reward_func(prompts=prompts, completions=completions, completion_ids=full, item_id=item_id, **kw)
-
-
-def untie_output_embedding(model: torch.nn.Module) -> bool:
-    """Give the output layer its own copy of a tied input embedding (and record it in the config, so the
-    checkpoint saves and reloads both). Returns whether it was tied."""
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    if out.weight is not inp.weight:
-        return False
-    out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
-    for c in (model.config, model.config.get_text_config()):  # the same object for a text-only model
-        c.tie_word_embeddings = False
-    return True
-
-
-def _decision_only(model: torch.nn.Module, think: int):
-    """Freeze every weight but the ``<think>`` row of the output embedding; returns a function that undoes it.
-
-    The tiny models tie input and output embeddings: training the tied row would also move the INPUT
-    embedding of ``<think>``, which every rationale is written after (it wrecked the always mode:
-    docs/research-log.md, Stage 2: untie the output row). So the output layer is untied
-    first and only its row trains: the gate moves, the rationale writer and the embedder do not."""
-    untie_output_embedding(model)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    w = model.get_output_embeddings().weight
-    w.requires_grad_(True)
-    mask = torch.zeros_like(w)
-    mask[think] = 1.0
-    handle = w.register_hook(lambda g: g * mask.to(g.device, g.dtype))  # trl may move the model to a GPU
-
-    def restore() -> None:
-        handle.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-
-    return restore
-
-
-class DecisionExploration:
-    """Logits processor: at the first generated position, mix the two decisions' probabilities with a
-    uniform choice (``eps``); every other token is untouched. Deviation: the policy-gradient loss still uses
-    the policy's own log-probability of the sampled decision, so the decision's gradient is slightly
-    off-policy (towards exploring the rarer choice), the usual price of epsilon-greedy exploration."""
-
-    def __init__(self, think: int, emb: int, eps: float):
-        if not 0 < eps <= 1:
-            raise ValueError("decision_exploration must be in (0, 1]")
-        self.think, self.emb, self.eps, self.start = think, emb, eps, None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        if input_ids.shape[1] != self.start:
-            return scores
-        two = torch.log_softmax(scores[:, [self.think, self.emb]].float(), dim=-1).exp()
-        mixed = (1 - self.eps) * two + self.eps / 2
-        out = torch.full_like(scores, float("-inf"))
-        out[:, self.think], out[:, self.emb] = mixed[:, 0].log().to(scores.dtype), mixed[:, 1].log().to(scores.dtype)
-        return out
-
-
-def _with_processor(generate, processor: DecisionExploration):
-    """``generate`` with ``processor`` added (reset per call: its first position is the call's)."""
-    from transformers import LogitsProcessorList
-
-    def wrapped(*args, **kwargs):
-        processor.start = None
-        extra = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-        extra.append(processor)
-        return generate(*args, logits_processor=extra, **kwargs)
-
-    return wrapped
 
 
 def _bar_only(progress_callback: type) -> type:

@@ -66,7 +66,7 @@ def test_the_similarity_rests_on_the_gold_facts_and_the_cells_they_name(explaine
 
 @pytest.mark.skipif(not COMMITTED.exists(), reason="no committed foundation model")
 def test_figures_show_the_values(explained):
-    from mmemb_lab.attribution import patch_figure, token_figure
+    from mmemb_lab.figures import patch_figure, token_figure
 
     it, tok, pat = explained[0]
     fig = token_figure(tok)

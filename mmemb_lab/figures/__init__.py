@@ -9,6 +9,7 @@ Paper figures are regenerated from run outputs (summary.json, metrics.jsonl), ne
 Used by: the demo, every notebook.
 """
 
+from .attribution import patch_figure, token_figure
 from .basic import description_accuracy, easy_hard_by_dataset, item_figure, training_curves
 from .export import BROWSERS, EASY, HARD, find_browser, save_figure, save_figures
 from .method import (
@@ -33,4 +34,4 @@ __all__ = ["description_accuracy", "easy_hard_by_dataset", "item_figure", "train
            "find_browser", "save_figure", "save_figures", "MODE_ORDER", "PAPER_INVOCATION", "WORKER_COLOURS",
            "gain_by_worker", "gain_scatter", "gate_curve", "gate_invocation", "latent_view_figure", "modes_easy_hard",
            "reasoning_headroom", "rl_curves", "selection_outcome", "stage1_curves", "worker_gains", "OKABE_ITO",
-           "attribution_examples", "paper_figures", "print_style"]
+           "attribution_examples", "paper_figures", "print_style", "token_figure", "patch_figure"]

@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from ..backbone import load_backbone
 from ..train import read_metrics
 from ..world.tasks import make_item
+from .attribution import patch_figure, token_figure
 from .basic import easy_hard_by_dataset
 from .method import (
     MODE_ORDER,
@@ -44,7 +45,7 @@ def attribution_examples(run: Path, summary: dict, n_steps: int = 32) -> dict[st
     """Which words of a gold rationale and which patches of the query image the match rests on, for the first
     hard ``toy_qa`` evaluation item of the run's world, on the run's stage-1 model (``mmemb_lab.attribution``);
     empty when the run has no stage-1 model."""
-    from ..attribution import explain_item, patch_figure, token_figure  # captum: imported when drawn
+    from ..attribution import explain_item  # captum: imported when drawn
 
     model = run / "stage1" / "selected" / "model"
     if not (model / "mmemb_backbone.json").is_file():
