@@ -137,34 +137,42 @@ def log_prob_positive(query: Tensor, positive: Tensor, negatives: Tensor, temper
     return torch.log_softmax(torch.cat([pos, neg], dim=1) / temperature, dim=1)[:, 0]
 
 
-def grad_cache_step(
-    query_inputs: list,
-    target_inputs: list,
-    encode: Callable[[Any], Tensor],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-) -> float:
-    """Accumulate the gradient of ``loss_fn`` on a big batch into ``encode``'s parameters, chunk by chunk.
+def grad_cache_step(chunks: Sequence[Any], encode: Callable[[Any], tuple[dict[str, Tensor], Tensor | None]],
+                    loss_fn: Callable[[dict[str, Tensor]], Tensor], no_sync: Callable[[], Any] | None = None,
+                    ) -> tuple[Tensor, float]:
+    """Accumulate the gradient of a batch-coupled loss (plus per-chunk terms) into the encoder's parameters,
+    chunk by chunk: the one GradCache of the workbench (stage 1's chunked step, and any contrastive loss).
 
-    GradCache (Gao et al., 2021): the loss couples every embedding with every other, so it cannot be
-    split over chunks, but the encoder can. (1) Embed every chunk without a graph; (2) compute the loss
-    on the full batch of detached embeddings and backpropagate only to them, caching
-    g = dloss/dembedding; (3) re-encode each chunk with a graph and call ``emb.backward(g_chunk)``. By
-    the chain rule the accumulated parameter gradient equals that of one unchunked backward, while
-    activation memory is that of one chunk. The equality needs a deterministic encoder (dropout off, or
-    the same RNG state in both passes). Under DDP, run step (3) inside ``model.no_sync()`` for all but
-    the last chunk. ``loss_fn`` may be ``lambda q, t: info_nce(q, t, tau).loss``. Returns the loss value;
-    the caller zeroes gradients and steps the optimizer.
+    GradCache (Gao et al., 2021): a contrastive loss couples every embedding with every other, so it cannot
+    be split over chunks, but the encoder can. ``encode(chunk)`` returns ``(embeddings, local)``: a dict of
+    embeddings by kind (each chunk may hold some kinds, e.g. queries or targets) and a scalar loss term of
+    that chunk alone (None for none; a generation loss). (1) Encode every chunk without a graph; (2) compute
+    ``loss_fn`` on each kind concatenated in chunk order and backpropagate only to those detached
+    embeddings, caching g = dloss/de; (3) re-encode each chunk with a graph and backpropagate
+    ``<e_chunk, g_chunk> + local``. By the chain rule the accumulated parameter gradient equals that of one
+    unchunked backward of ``loss_fn + sum of local``, while activation memory is that of one chunk. The
+    equality needs a deterministic encoder (dropout off, or the same RNG state in both passes). Under DDP,
+    pass ``no_sync`` (the model's ``no_sync``): every chunk but the last then skips the gradient all-reduce.
+    The caller zeroes gradients before and steps the optimizer after. Returns the coupled loss (detached,
+    with the values of ``loss_fn``'s output, e.g. for accuracy) and the sum of the local terms.
     """
+    import contextlib
+
     with torch.no_grad():
-        q_chunks = [encode(x) for x in query_inputs]
-        t_chunks = [encode(x) for x in target_inputs]
-    q = torch.cat(q_chunks).requires_grad_()
-    t = torch.cat(t_chunks).requires_grad_()
-    loss = loss_fn(q, t)
-    loss.backward()
-    q_grads = q.grad.split([c.shape[0] for c in q_chunks])
-    t_grads = t.grad.split([c.shape[0] for c in t_chunks])
-    for inputs, grads in ((query_inputs, q_grads), (target_inputs, t_grads)):
-        for x, g in zip(inputs, grads):
-            encode(x).backward(g)
-    return float(loss.detach())
+        first = [encode(c) for c in chunks]
+    kinds = list(dict.fromkeys(k for e, _ in first for k in e))
+    sizes = {k: [e[k].shape[0] if k in e else 0 for e, _ in first] for k in kinds}
+    cat = {k: torch.cat([e[k] for e, _ in first if k in e]).requires_grad_() for k in kinds}
+    coupled = loss_fn(cat)
+    coupled.backward()
+    grads = {k: cat[k].grad.split(sizes[k]) for k in kinds}
+    local_total = sum(float(loc) for _, loc in first if loc is not None)
+    for j, c in enumerate(chunks):
+        ctx = no_sync() if no_sync is not None and j < len(chunks) - 1 else contextlib.nullcontext()
+        with ctx:
+            e, loc = encode(c)
+            surrogate = loc if loc is not None else 0.0
+            for k, v in e.items():
+                surrogate = surrogate + (v * grads[k][j]).sum()
+            surrogate.backward()
+    return coupled.detach(), local_total

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .backbone import EMB_TOKEN, THINK_OPEN, Backbone, reasoning_span
-from .contrastive import TEMPERATURE, info_nce
+from .contrastive import TEMPERATURE, grad_cache_step, info_nce
 from .data import candidate_key, item_candidates, item_query, to_pil
 from .embed import Input, base_model, collate, pool
 from .harness import _ONE_CHUNK, HarnessConfig, ToySource, run_benchmark, run_oracle
@@ -283,47 +283,36 @@ def _contrastive(cfg: Stage1Config, e_r, e_d, e_t, n_pos: int, ids):
 
 
 def _chunked_step(backbone, module, cfg, queries, targets_text, target_inputs, n_pos, ids) -> dict:
-    """GradCache for the joint loss: the contrastive terms couple the batch, the generation term does not.
-
-    (1) embed every chunk without a graph; (2) backpropagate the contrastive terms to the detached
-    embeddings only, caching g = dL/de; (3) re-run each chunk with a graph and backpropagate
-    lambda_gen * (its share of the next-token loss) + <e_chunk, g_chunk>. Same gradient as the unchunked
-    step (tests/test_stage1.py), with the activation memory of one chunk."""
-    import contextlib
-
+    """The joint loss under GradCache (``contrastive.grad_cache_step``): the contrastive terms couple the
+    batch, the generation term is each query chunk's own. Same gradient as the unchunked step
+    (tests/test_stage1.py), with the activation memory of one chunk."""
     k = cfg.chunk_size
     qc = [queries[i:i + k] for i in range(0, len(queries), k)]
     tc = [targets_text[i:i + k] for i in range(0, len(queries), k)]
     xc = [target_inputs[i:i + k] for i in range(0, len(target_inputs), k)]
     reasoned = [collate(backbone, q, t) for q, t in zip(qc, tc)]
     labels = [generation_labels(backbone, b, t) for b, t in zip(reasoned, tc)]
-    direct = [collate(backbone, q) for q in qc]
-    tgt = [collate(backbone, x) for x in xc]
-    with torch.no_grad():
-        parts = [module(b, lab, d, None) for b, lab, d in zip(reasoned, labels, direct)]
-        e_t = torch.cat([module(None, None, None, t)[4] for t in tgt])
-    n_lab = sum(p[1] for p in parts)
-    lm = sum(float(p[0]) for p in parts) / max(1, n_lab)
-    e_r = torch.cat([p[2] for p in parts]).requires_grad_()
-    e_d = torch.cat([p[3] for p in parts]).requires_grad_()
-    e_t = e_t.requires_grad_()
-    nce_r, nce_d = _contrastive(cfg, e_r, e_d, e_t, n_pos, ids)
-    (nce_r.loss + cfg.lambda_dir * nce_d.loss).backward()
+    n_lab = max(1, sum(int((lab[:, 1:] != -100).sum()) for lab in labels))  # as Stage1Model counts them
+    chunks = [(b, lab, collate(backbone, q), None) for b, lab, q in zip(reasoned, labels, qc)]
+    chunks += [(None, None, None, collate(backbone, x)) for x in xc]
+
+    def encode(chunk):
+        lm_sum, _, er, ed, et = module(*chunk)
+        if chunk[3] is not None:
+            return {"t": et}, None
+        return {"r": er, "d": ed}, cfg.lambda_gen * lm_sum / n_lab
+
+    terms = {}
+
+    def loss_fn(e):
+        terms["r"], terms["d"] = _contrastive(cfg, e["r"], e["d"], e["t"], n_pos, ids)
+        return terms["r"].loss + cfg.lambda_dir * terms["d"].loss
+
     module.zero_grad(set_to_none=True)
-    no_sync = getattr(module, "no_sync", contextlib.nullcontext)
-    jobs = [(b, lab, d, None, sl) for b, lab, d, sl in zip(reasoned, labels, direct,
-                                                           (slice(i, i + k) for i in range(0, len(queries), k)))]
-    jobs += [(None, None, None, t, slice(i, i + k)) for t, i in zip(tgt, range(0, len(target_inputs), k))]
-    for j, (b, lab, d, t, sl) in enumerate(jobs):
-        ctx = no_sync() if j < len(jobs) - 1 else contextlib.nullcontext()
-        with ctx:
-            lm_sum, _, er, ed, et = module(b, lab, d, t)
-            if t is None:
-                surrogate = cfg.lambda_gen * lm_sum / max(1, n_lab) + (er * e_r.grad[sl]).sum() + (ed * e_d.grad[sl]).sum()
-            else:
-                surrogate = (et * e_t.grad[sl]).sum()
-            surrogate.backward()
-    loss = float(nce_r.loss.detach()) + cfg.lambda_gen * lm + cfg.lambda_dir * float(nce_d.loss.detach())
+    _, gen = grad_cache_step(chunks, encode, loss_fn, getattr(module, "no_sync", None))
+    nce_r, nce_d = terms["r"], terms["d"]
+    lm = gen / cfg.lambda_gen if cfg.lambda_gen else 0.0
+    loss = float(nce_r.loss.detach()) + gen + cfg.lambda_dir * float(nce_d.loss.detach())
     return {"loss": torch.tensor(loss), "backward_done": True, "nce_reasoned": float(nce_r.loss.detach()), "gen": lm,
             "nce_direct": float(nce_d.loss.detach()), "acc_reasoned": nce_r.accuracy, "acc_direct": nce_d.accuracy}
 

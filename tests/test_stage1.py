@@ -46,12 +46,14 @@ def test_chunked_contrastive_backward_matches_unchunked(make_backbone):
     items = [make_item(n, 0, "train", i, 0.5) for n in ("toy_qa", "toy_cls", "toy_doc") for i in range(2)]
     qs = [item_query(it) for it in items]
     ts = [Input(it.answer) for it in items]
-    loss_fn = lambda q, t: info_nce(q, t, 0.05).loss  # noqa: E731
-    full = loss_fn(encode(bb, qs), encode(bb, ts))
+    loss_fn = lambda e: info_nce(e["q"], e["t"], 0.05).loss  # noqa: E731
+    full = loss_fn({"q": encode(bb, qs), "t": encode(bb, ts)})
     full.backward()
     ref = {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.grad is not None}
     bb.model.zero_grad()
-    grad_cache_step([qs[:2], qs[2:4], qs[4:]], [ts[:3], ts[3:]], lambda x: encode(bb, x), loss_fn)
+    chunks = [("q", qs[:2]), ("q", qs[2:4]), ("q", qs[4:]), ("t", ts[:3]), ("t", ts[3:])]
+    loss, _ = grad_cache_step(chunks, lambda c: ({c[0]: encode(bb, c[1])}, None), loss_fn)
+    assert abs(float(loss) - float(full.detach())) < 1e-5
     got = {n: p.grad for n, p in bb.model.named_parameters() if p.grad is not None}
     assert ref.keys() == got.keys()
     worst = max((ref[n] - got[n]).abs().max().item() for n in ref)
