@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,13 +43,16 @@ import torch.nn.functional as F
 from . import distributed
 from .backbone import EMB_TOKEN, THINK_OPEN, Backbone, reasoning_span
 from .contrastive import TEMPERATURE, grad_cache_step, info_nce
-from .data import candidate_key, item_candidates, item_query, to_pil
+from .data import item_query
+from .diagnostics import rationale_diagnostics
 from .embed import Input, base_model, collate, pool
+from .foundation import load_foundation, positive_and_negatives
 from .harness import _ONE_CHUNK, HarnessConfig, ToySource, run_benchmark, run_oracle
 from .inference import LATENCY_SAMPLE, MAX_NEW_TOKENS
 from .modes import InferenceConfig, encoder_for, settings_for
 from .runs import Manifest, RunFolder, weights_digest
-from .train import LoopConfig, LoopResult, run_loop
+from .train import LoopConfig, LoopResult, atomic_write_text, read_metrics, run_loop
+from .world.build import toy_registry
 from .world.tasks import Item, make_item
 
 log = logging.getLogger(__name__)
@@ -83,7 +87,6 @@ class Stage1Config:
     """Unchunked steps run each forward as this many sub-batches of rows of similar length (1 = one padded
     batch). Same loss and gradient (rows do not interact inside the model); fewer padded positions
     (``make bench`` times both; docs/research-log.md, Stage 1: length buckets)."""
-
     def __post_init__(self):
         if self.rationales not in RATIONALE_SOURCES:
             raise ValueError(f"unknown rationale source {self.rationales!r}")
@@ -166,7 +169,6 @@ def in_row_order(parts: torch.Tensor, buckets: list[list[int]]) -> torch.Tensor:
 class Stage1Model(torch.nn.Module):
     """All stage-1 forwards in ONE call (DDP-safe). Each part is one batch, or a list of sub-batches
     (length buckets) whose outputs are concatenated in list order."""
-
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
@@ -227,8 +229,6 @@ def load_stage1_set(selection_dir: str | Path, world_seed: int, hard_fraction: f
 
 
 def make_step_fn(backbone: Backbone, data: list[tuple[Item, str | None]], cfg: Stage1Config, seed: int):
-    from .foundation import near_miss
-
     world = max(1, distributed.world_size())
     per_rank = cfg.batch_size // world
 
@@ -241,19 +241,11 @@ def make_step_fn(backbone: Backbone, data: list[tuple[Item, str | None]], cfg: S
         targets_text = [assistant_target(r) for _, r in batch]
         pos, negs, ids, nids = [], [], [], []
         for it, _ in batch:
-            cands = item_candidates(it)
-            pos.append(cands[it.labels[0]])
-            ids.append(candidate_key(*it.candidates[it.labels[0]]))
-            if len(cands) > 1:
-                others = [j for j in range(len(cands)) if j not in it.labels]
-                picked = [int(j) for j in rng.choice(others, cfg.hard_negatives, replace=False)]
-                negs += [cands[j] for j in picked]
-                nids += [candidate_key(*it.candidates[j]) for j in picked]
-            else:
-                for _ in range(cfg.hard_negatives):
-                    other = near_miss(it, rng)
-                    negs.append(Input("", to_pil(other), it.target_inst))
-                    nids.append(candidate_key("", other))
+            p, pid, neg, nid = positive_and_negatives(it, rng, cfg.hard_negatives)
+            pos.append(p)
+            ids.append(pid)
+            negs += neg
+            nids += nid
         share = float(np.mean([r is not None for _, r in batch]))
         if cfg.chunk_size:
             return _chunked_step(backbone, module, cfg, queries, targets_text, pos + negs, len(pos), (ids, nids)) | {
@@ -343,13 +335,6 @@ def run_arm(foundation: str, world_root: str, registry_info: dict, selection_dir
     Returns the arm's numbers: wall time, always-mode scores, rationale diagnostics, and (``full_eval``)
     the direct and oracle modes. Writes ``arm.json`` and the trained model under ``out_dir``.
     ``only="direct"`` / ``"always"``: a baseline arm, evaluated in its own mode only (model saved)."""
-    import time
-
-    from .diagnostics import rationale_diagnostics
-    from .foundation import load_foundation
-    from .train import atomic_write_text, read_metrics
-    from .world.build import toy_registry
-
     if threads:
         torch.set_num_threads(threads)
     out = Path(out_dir)
@@ -387,8 +372,6 @@ def _baseline_arm(backbone: Backbone, world_root: str, registry: dict, out: Path
                   train_wall: float, mode: str, latency_sample: int, max_new_tokens: int) -> dict:
     """A baseline trained for one mode, evaluated in that mode only: ``direct`` (no rationales) or ``always``
     (a rationale on every pair, written by the model itself at inference)."""
-    from .train import atomic_write_text
-
     inference = InferenceConfig(max_new_tokens=max_new_tokens, latency_sample=latency_sample)
     r, enc = _evaluate_mode(backbone, world_root, registry, out / "eval", mode, inference)
     arm = {"rationales": cfg.rationales, "steps": res.steps_done, "train_wall_s": train_wall,

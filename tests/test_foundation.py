@@ -163,10 +163,10 @@ def test_skill_accuracy_scores_exact_answers(monkeypatch):
 
     rng = np.random.default_rng([5, 7])
     gold = [SKILLS[name][0](rng).answer for name in f.ATOMIC_SKILLS for _ in range(3)]
-    monkeypatch.setattr(f, "generate", lambda bb, inputs, max_new_tokens: [" " + a for a in gold])
+    monkeypatch.setattr(f.probes, "generate", lambda bb, inputs, max_new_tokens: [" " + a for a in gold])
     acc = f.skill_accuracy(None, seed=5, n=3)
     assert set(acc) >= {"read_cell", "find_shape", "find_other", "read_page"} and min(acc.values()) == 1.0
-    monkeypatch.setattr(f, "generate", lambda bb, inputs, max_new_tokens: [a[:-1] + "x." for a in gold])
+    monkeypatch.setattr(f.probes, "generate", lambda bb, inputs, max_new_tokens: [a[:-1] + "x." for a in gold])
     assert max(f.skill_accuracy(None, seed=5, n=3).values()) == 0.0
 
 

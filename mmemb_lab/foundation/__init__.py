@@ -47,6 +47,7 @@ from .curriculum import (
     make_step_fn,
     near_miss,
     observations,
+    positive_and_negatives,
     reading_span,
 )
 from .objective import (
@@ -68,7 +69,8 @@ from .probes import ATOMIC_SKILLS, description_accuracy, generate, score_page_te
 
 __all__ = ["WORLD_VERSION", "FoundationConfig", "Stage0", "make_step_fn", "train_foundation", "load_foundation",
            "adopt_checkpoint", "world_corpus", "world_fingerprint", "assistant_text", "bag_of_words",
-           "contrastive_batch", "gen_skills", "near_miss", "observations", "reading_span", "MAX_FRAMES",
+           "contrastive_batch", "gen_skills", "near_miss", "observations", "positive_and_negatives", "reading_span",
+           "MAX_FRAMES",
            "N_TOKEN_POSITIONS", "answer_labels", "answer_weights", "frame_labels", "lm_loss", "read_mass",
            "search_attention", "search_loss", "search_targets", "token_labels", "token_positions", "ATOMIC_SKILLS",
            "description_accuracy", "generate", "score_page_text", "score_scene_text", "skill_accuracy"]

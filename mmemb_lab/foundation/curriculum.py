@@ -29,26 +29,36 @@ def contrastive_batch(cfg: FoundationConfig, seed: int, step: int, n: int):
         name = names[int(rng.integers(len(names)))]
         it = make_item(name, seed, "stream", (step * n + i) * max(1, distributed.world_size()) + distributed.rank(),
                        cfg.hard_fraction)
-        cands = item_candidates(it)
         answers.append(it.answer)
         span = (not it.needs_reasoning and len(it.gold_steps) == 1 and rng.random() < cfg.span_fraction)
         text = it.gold_steps[0] if span else None
         if step >= cfg.read_phase and it.needs_reasoning and rng.random() < cfg.read_fraction:
             text = reading_span(it, rng, int(rng.integers(cfg.read_observations + 1)))
         qs.append(item_query(it, text))
-        ps.append(cands[it.labels[0]])
-        ids.append(candidate_key(*it.candidates[it.labels[0]]))
-        if len(cands) > 1:
-            others = [j for j in range(len(cands)) if j not in it.labels]
-            picked = [int(j) for j in rng.choice(others, cfg.hard_negatives, replace=False)]
-            ns += [cands[j] for j in picked]
-            nids += [candidate_key(*it.candidates[j]) for j in picked]
-        else:  # global tasks: near misses (a page that satisfies one condition only) or fresh videos
-            for _ in range(cfg.hard_negatives):
-                other = near_miss(it, rng)
-                ns.append(Input("", to_pil(other), it.target_inst))
-                nids.append(candidate_key("", other))
+        p, pid, neg, nid = positive_and_negatives(it, rng, cfg.hard_negatives)
+        ps.append(p)
+        ids.append(pid)
+        ns += neg
+        nids += nid
     return qs, ps, ns, ids, nids, answers
+
+
+def positive_and_negatives(it, rng, k: int) -> tuple[Input, str, list[Input], list[str]]:
+    """An item's positive and ``k`` hard negatives, with their candidate keys (to mask false negatives): other
+    candidates of its own list (local tasks), or near misses (global tasks: a page that satisfies one
+    condition only, a video that differs in one event). Stage 0 and stage 1 mine them here."""
+    cands = item_candidates(it)
+    pos, pid = cands[it.labels[0]], candidate_key(*it.candidates[it.labels[0]])
+    if len(cands) > 1:
+        others = [j for j in range(len(cands)) if j not in it.labels]
+        picked = [int(j) for j in rng.choice(others, k, replace=False)]
+        return pos, pid, [cands[j] for j in picked], [candidate_key(*it.candidates[j]) for j in picked]
+    negs, nids = [], []
+    for _ in range(k):
+        other = near_miss(it, rng)
+        negs.append(Input("", to_pil(other), it.target_inst))
+        nids.append(candidate_key("", other))
+    return pos, pid, negs, nids
 
 
 def observations(item, rng, k: int) -> list[str]:
