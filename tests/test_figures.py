@@ -31,3 +31,12 @@ def test_without_a_browser_only_html_and_a_warning(tmp_path, monkeypatch, caplog
         figures.save_figures(_figs(), tmp_path, run="t", pdf=True)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".js") == ["a.html", "b.html"]
     assert any("no Chromium" in r.getMessage() for r in caplog.records)
+
+
+def test_print_style_keeps_reference_lines():
+    """The print template's shape defaults draw lines with no width: a dashed reference line (the paper's
+    invocation rate on the gate's sweep) must stay visible in the paper figure."""
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1]))
+    fig.add_vline(x=0.74, line_dash="dash", line_color="black")
+    shape = figures.print_style(fig).layout.shapes[0]
+    assert shape.line.width and shape.line.width > 0 and shape.opacity == 1.0

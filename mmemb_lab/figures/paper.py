@@ -33,7 +33,11 @@ def print_style(fig: go.Figure) -> go.Figure:
     out = go.Figure(fig)
     two_panels = "xaxis2" in out.layout and out.layout.xaxis2.domain is not None
     out.update_layout(template="simple_white", font={"family": "Arial, Helvetica, sans-serif", "size": 15},
-                      width=1000 if two_panels else 700, height=500 if two_panels else 440, margin={"l": 70, "r": 20, "t": 60, "b": 90}, colorway=OKABE_ITO)
+                      width=1000 if two_panels else 700, height=500 if two_panels else 440,
+                      margin={"l": 70, "r": 20, "t": 60, "b": 90}, colorway=OKABE_ITO)
+    for shape in out.layout.shapes:  # simple_white's shape defaults have no line: reference lines keep theirs
+        if shape.type == "line" and shape.line.width is None:
+            shape.line.width, shape.opacity = 1.5, 1.0
     return out
 
 
