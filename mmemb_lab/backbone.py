@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -163,8 +164,6 @@ class Backbone:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         self.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
@@ -176,7 +175,6 @@ class Backbone:
 
 def _replace_dir(tmp: Path, path: Path) -> None:
     """Atomically put directory ``tmp`` at ``path`` (old contents removed only after the new are complete)."""
-    import shutil
 
     old = path.with_name(path.name + ".old")
     if path.exists():

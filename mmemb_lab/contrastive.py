@@ -34,6 +34,7 @@ targets are never masked; they are assumed to be mined so as to differ from the 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -156,8 +157,6 @@ def grad_cache_step(chunks: Sequence[Any], encode: Callable[[Any], tuple[dict[st
     The caller zeroes gradients before and steps the optimizer after. Returns the coupled loss (detached,
     with the values of ``loss_fn``'s output, e.g. for accuracy) and the sum of the local terms.
     """
-    import contextlib
-
     with torch.no_grad():
         first = [encode(c) for c in chunks]
     kinds = list(dict.fromkeys(k for e, _ in first for k in e))

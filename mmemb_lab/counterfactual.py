@@ -6,6 +6,7 @@ Used by: ``selection`` (the posterior choice among the candidates), ``bench`` (b
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -15,8 +16,9 @@ import torch
 
 from .backbone import Backbone
 from .contrastive import TEMPERATURE, log_prob_positive
-from .data import item_candidates, item_query
+from .data import item_candidates, item_query, to_pil
 from .embed import Input, embed
+from .foundation import near_miss
 from .workers import Rationale, states_gold_facts, step_accuracy
 from .world.tasks import Item
 
@@ -116,7 +118,6 @@ def toy_pairs(items: Sequence[Item], rationales: Sequence[list[Rationale]], pool
               seed: int = 0) -> list[Pair]:
     """Pairs from toy items: local tasks use their other candidates as negatives; global tasks use
     near-miss targets and other items' targets of the same dataset."""
-    from .foundation import near_miss
 
     rng = np.random.default_rng([seed, 3])
     by: dict[str, list[Item]] = {}
@@ -131,7 +132,6 @@ def toy_pairs(items: Sequence[Item], rationales: Sequence[list[Rationale]], pool
         else:
             others = [o for o in by[it.dataset] if o is not it]
             pick = rng.choice(len(others), min(pool_negatives, len(others)), replace=False) if others else []
-            from .data import to_pil
 
             negs = [item_candidates(others[int(j)])[0] for j in pick]
             negs += [Input("", to_pil(near_miss(it, rng)), it.target_inst, None, f"{it.item_id}/near{j}")
@@ -227,7 +227,6 @@ def _target_key(x: Input) -> str:
     """Identity of a target: text, or the image's bytes digest (the same object crop is one target)."""
     if x.visual is None:
         return f"t|{x.instruction}|{x.text}"
-    import hashlib
 
     ims = x.visual if isinstance(x.visual, list) else [x.visual]
     h = hashlib.sha1()

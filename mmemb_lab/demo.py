@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .figures import description_accuracy as description_figure
@@ -281,8 +283,6 @@ def run_arms(foundation: str, world_root: str, info: dict, selection_dir: str, o
     rationales (``baseline_direct``) and a rationale on every pair (``baseline_always``). In two processes of
     one thread each (two 1-thread processes use 2 cores better than one 2-thread): ours then the direct
     baseline here, the ablation then the always baseline in the other."""
-    import multiprocessing as mp
-    from dataclasses import replace
 
     from .stage1 import run_arm
 

@@ -40,8 +40,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .backbone import EMB_TOKEN, THINK_OPEN, Backbone
+from .data import load_eval
 from .embed import Input, base_model, collate, embed, pool
 from .inference import (
     LATENCY_SAMPLE,
@@ -311,9 +313,6 @@ def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: flo
     every query, a rationale and re-embedding for every query whose p_open exceeds ``min_threshold`` (all of
     them when it is below 0), and batch-1 timings of the gate and of the reasoning on the first
     ``latency_sample`` queries of each set."""
-    from tqdm.auto import tqdm
-
-    from .data import load_eval
 
     per: dict[str, DatasetGate] = {}
     lat_gate, lat_reason, lat_p = [], [], []

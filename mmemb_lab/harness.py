@@ -53,12 +53,14 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import distributed
 from .backbone import Backbone
@@ -260,7 +262,6 @@ def evaluate(backbone: Backbone, world_root: str | Path, registry: Mapping[str, 
 
     Each dataset is one chunk, so the encoder sees every query of a dataset in one call (as a user calling
     it on a list would); without ``out_dir`` the files and cache go to a temporary folder."""
-    import tempfile
 
     cfg = HarnessConfig(mode=mode, strict=strict, chunk_size=_ONE_CHUNK, latency_sample=latency_sample)
     source = ToySource(Path(world_root), split)
@@ -287,8 +288,6 @@ def _identity(backbone: Backbone, source, benchmark: str, cfg: HarnessConfig, en
 
 
 def _run(backbone, source, registry, cfg, encode, cand_encode, settings, res_dir, cache_root, benchmark, progress):
-    from tqdm.auto import tqdm
-
     per: dict[str, DatasetResult] = {}
     embedded = {"queries": 0, "candidates": 0}
     main = distributed.is_main()

@@ -30,6 +30,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from .data import item_candidates, item_query
 from .embed import embed
 from .metrics import aggregate, score_queries
 from .registry import DatasetInfo
@@ -348,7 +349,6 @@ def score_item(backbone, item, rationale: str | None = None, pool: Sequence | No
 
     Global items (one target) are scored against ``pool`` (other items of the same dataset) when given.
     """
-    from .data import item_candidates, item_query
 
     items = [item] + list(pool or [])
     cands = [c for it in items for c in item_candidates(it)]

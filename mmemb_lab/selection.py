@@ -37,16 +37,25 @@ Used by: the demo ("selection" in summary.json), stage 1 (the training set), not
 
 from __future__ import annotations
 
+import io
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from .backbone import Backbone
 from .contrastive import TEMPERATURE
 from .counterfactual import TAU, GainTable, Pair, pair_partners, score_candidate, score_pairs, swap_partners, toy_pairs
-from .data import item_query
+from .data import item_query, load_eval
 from .embed import Input, embed
+from .figures.basic import visual_array
+from .scoring import score_set
+from .train import atomic_write_text
+from .workers import HFWorker, WorkerSpec, toy_rationales
+from .world.tasks import DATASETS, make_item
 
 # the counterfactual gains are computed in ``counterfactual``; a user of selection reaches for them here too
 __all__ = ["TAU", "GainTable", "Pair", "pair_partners", "score_candidate", "score_pairs", "swap_partners",
@@ -198,8 +207,6 @@ def gold_rationale_gain(evaluator: Backbone, world_root, registry, hard_only: bo
     Also returns both scores per dataset (``direct``, ``gold``): where even the gold rationale does not
     lift the evaluator, no selection rule can find a rationale that helps, and a reward-following gate has
     no reason to open (the demo's ``reasoning_headroom`` figure)."""
-    from .data import load_eval
-    from .scoring import score_set
 
     per, scores = {}, {"direct": {}, "gold": {}}
     for name, info in registry.items():
@@ -223,21 +230,15 @@ def explorer(table: GainTable, pairs: Sequence[Pair], selection: Selection):
     """An ipywidgets explorer: pick a pair, see its image, query, target, every candidate's gains and the choice."""
     import ipywidgets as w
 
-    from .figures import _visual_array
-
     options = [(f"{i}: {table.item_ids[i]} ({'hard' if table.needs_reasoning[i] else 'easy'})", i)
                for i in range(len(pairs))]
     pick = w.Dropdown(options=options, description="pair", layout=w.Layout(width="420px"))
     image, text = w.Image(format="png", width=220), w.HTML()
 
     def show(i: int) -> None:
-        import io
-
-        from PIL import Image
-
         p = pairs[i]
         vis = p.item.query_visual if p.item.query_visual is not None else p.item.candidates[p.item.labels[0]][1]
-        arr = _visual_array(vis)
+        arr = visual_array(vis)
         buf = io.BytesIO()
         Image.fromarray(arr).resize((220, int(220 * arr.shape[0] / arr.shape[1])), 0).save(buf, "png")
         image.value = buf.getvalue()
@@ -286,12 +287,6 @@ def run_selection(evaluator: Backbone, world_seed: int, hard_fraction: float, cf
     Writes ``gains.jsonl`` (one line per pair and worker) and ``stage1_set.jsonl`` (item id, selected
     rationale or null, worker) under ``out_dir``.
     """
-    import json
-    from pathlib import Path
-
-    from .train import atomic_write_text
-    from .workers import HFWorker, WorkerSpec, toy_rationales
-    from .world.tasks import DATASETS, make_item
 
     out = Path(out_dir)
     items = [make_item(name, world_seed, "train", i, hard_fraction)

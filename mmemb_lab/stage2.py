@@ -22,6 +22,7 @@ Used by: the demo (step 6), notebook 05.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -322,7 +323,6 @@ def _one_input_encoder(backbone: Backbone, mode: str, max_new_tokens: int) -> Ca
 
 def _source_digest(stage1_model: Path, cfg: Stage2Config, world_seed: int, hard_fraction: float, seed: int) -> str:
     """What an RL model was trained from: the stage-1 weights, the stage-2 config and the data seeds."""
-    import hashlib
 
     h = hashlib.sha256()
     for f in sorted(stage1_model.glob("*.safetensors")):

@@ -122,8 +122,10 @@ def test_grad_cache_matches_plain_backward():
     plain.backward()
     expected = [p.grad.clone() for p in mlp.parameters()]
     mlp.zero_grad()
-    value = grad_cache_step(list(xq.split([2, 3, 2])), list(xt.split([3, 1, 3])), encode, loss_fn)
-    assert value == pytest.approx(plain.item(), abs=1e-12)
+    # query and target chunks of different sizes, each chunk holding one kind of embedding
+    chunks = [("q", x) for x in xq.split([2, 3, 2])] + [("t", x) for x in xt.split([3, 1, 3])]
+    value, local = grad_cache_step(chunks, lambda c: ({c[0]: encode(c[1])}, None), lambda e: loss_fn(e["q"], e["t"]))
+    assert local == 0 and value.item() == pytest.approx(plain.item(), abs=1e-12)
     for got, want in zip((p.grad for p in mlp.parameters()), expected):
         assert want.abs().max() > 1e-3  # the comparison is not vacuous
         assert torch.allclose(got, want, atol=1e-6, rtol=0)

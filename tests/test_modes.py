@@ -1,6 +1,7 @@
 """Query modes: one QueryEncoder for every mode; `mmemb-lab benchmark --mode` runs each, writes what it generated,
 scores as the toy evaluation path does, and shards over processes without changing a score."""
 
+import inspect
 import json
 import os
 import re
@@ -53,8 +54,11 @@ def test_one_definition_of_each_piece_every_mode_shares():
     src = "".join(p.read_text() for p in Path(mmemb_lab.__file__).parent.rglob("*.py"))
     for pattern in (r"^QueryEncoder = ", r"^def direct_encoder\(", r"^def (latency_ms|_latency)\(",
                     r"^class Encoded\b", r"^class InferenceConfig\b", r"^def score_set\(", r"^def sample_frame_indices\(",
-                    r"^def (run_benchmark|evaluate)\("):
+                    r"^def run_benchmark\("):
         assert len(re.findall(pattern, src, flags=re.M)) == 1, pattern
+    # the demo's evaluate is the runner with one chunk per dataset, not a second runner
+    assert "run_benchmark(" in inspect.getsource(harness.evaluate)
+    assert not (Path(mmemb_lab.__file__).parent / "evaluate.py").exists()
     # one result type per level: a dataset's and a benchmark's, whatever the mode or source
     assert sorted(re.findall(r"^class (\w*(?:Result|Score))\b", src, flags=re.M)) == \
         ["BenchmarkResult", "DatasetResult", "LoopResult", "RLResult", "TokenScore"]

@@ -53,10 +53,9 @@ def description_accuracy(acc: dict[str, float], gate: float = 0.95,
 
 
 
-def _visual_array(visual):
+def visual_array(visual):
     """A world visual as one RGB array (video frames side by side, 4-px gaps)."""
     import numpy as np
-
 
     ims = to_pil(visual)
     ims = ims if isinstance(ims, list) else [ims]
@@ -83,7 +82,7 @@ def item_figure(scores, max_candidates: int = 12) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, column_widths=[0.35, 0.65],
                         subplot_titles=("query image" if item.query_visual is not None else "positive target",
                                         "cosine similarity to each candidate"))
-    fig.add_trace(go.Image(z=_visual_array(visual)), row=1, col=1)
+    fig.add_trace(go.Image(z=visual_array(visual)), row=1, col=1)
     colours = [EASY if j in item.labels else "#BBBBBB" for j in order]
     fig.add_trace(go.Bar(x=scores.similarities[order][::-1], y=labels[::-1], orientation="h",
                          marker_color=colours[::-1], showlegend=False), row=1, col=2)
