@@ -1,5 +1,5 @@
 # mmemb-lab: one entry point for the CPU workbench.
-#   make demo   SEED=0 OUT=runs/demo   toy world -> stage-0 foundation -> selection -> stage 1 -> stage 2 -> eval
+#   make demo   SEED=0 OUT=runs/demo   the tiny recipe: toy world -> stage-0 foundation -> selection -> stage 1 -> stage 2 -> eval
 #   make test                          ruff, then every test, notebooks included, under the tiny preset
 #   make browser-test                  the notebooks in JupyterLab in headless Chromium (figures drawn offline)
 #   make figures RUN=runs/demo         the method's figures from a finished demo run, for print (figures/<run>/)
@@ -31,7 +31,7 @@ $(MARKER): requirements-cpu.txt pyproject.toml
 	touch $@
 
 demo: $(MARKER)
-	$(OFFLINE) $(VPY) -m mmemb_lab demo --seed $(SEED) --out $(OUT)
+	$(OFFLINE) $(VPY) -m mmemb_lab run configs/recipes/tiny.yaml --seed $(SEED) --out $(OUT)
 
 test: $(MARKER)
 	$(VPY) -m ruff check mmemb_lab tests notebooks

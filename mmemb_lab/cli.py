@@ -7,6 +7,7 @@ N GPUs:         accelerate launch -m mmemb_lab train ...   (or torchrun --nproc-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -167,6 +168,30 @@ def _demo(a) -> None:
     print(f"wrote {Path(a.out) / 'summary.json'} and {Path(a.out) / 'figures'} in {s['wall_s']:.0f} s")
 
 
+def _recipe(a):
+    from .pipeline import Recipe
+
+    r = Recipe.load(a.recipe) if getattr(a, "recipe", None) else Recipe()
+    if getattr(a, "preset", None):
+        r = dataclasses.replace(r, preset=a.preset)
+    for key in ("seed", "out"):
+        if getattr(a, key, None) is not None:
+            r = dataclasses.replace(r, **{key: getattr(a, key)})
+    return r.with_overrides(a.set or [])
+
+
+def _run(a) -> None:
+    """``mmemb-lab run RECIPE`` (every stage, skipping what is done) or ``mmemb-lab <stage>`` (that stage)."""
+    from .demo import format_summary, run_demo
+
+    r = _recipe(a)
+    only = {"select": "selection"}.get(a.command, a.command) if a.command != "run" else None
+    s = run_demo(seed=r.seed, out=r.out, preset=r.preset, foundation=r.foundation, world_dir=r.world,
+                 overrides=r.overrides, only=only)
+    print(format_summary(s))
+    print(f"wrote {Path(r.out) / 'summary.json'} and {Path(r.out) / 'figures'} in {s['wall_s']:.0f} s")
+
+
 def _figures(a) -> None:
     from .figures import paper_figures, save_figures
     from .paths import figures_dir
@@ -325,6 +350,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--preset", default="tiny", choices=["tiny", "smoke"])
     s.set_defaults(fn=_demo)
+
+    s = sub.add_parser("run", help="a recipe's stages in order, skipping those already done with the same "
+                                   "settings and inputs (configs/recipes/*.yaml)")
+    s.add_argument("recipe", help="recipe file: preset, seed, out, overrides of config fields by dotted path")
+    stage_help = {"select": "candidate rationales and counterfactual selection (the stage-0 evaluation must be done)",
+                  "stage1": "stage 1: the selected arm, the random-worker ablation and the two baselines",
+                  "stage2": "stage 2: GRPO on the gate, the adaptive evaluation and the threshold sweep"}
+    for name, helptext in stage_help.items():
+        s2 = sub.add_parser(name, help=helptext + "; the stages before it must be done")
+        s2.add_argument("--recipe", default=None, help="recipe file (default: the tiny preset, seed 0, runs/demo)")
+    for name in ("run", *stage_help):
+        s2 = sub.choices[name]
+        s2.add_argument("--preset", default=None, choices=["tiny", "smoke"], help="overrides the recipe's preset")
+        s2.add_argument("--seed", type=int, default=None, help="overrides the recipe's seed")
+        s2.add_argument("--out", default=None, help="overrides the recipe's run folder")
+        s2.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                        help="set a config field by dotted path, e.g. --set stage2.rl.steps=40 (repeatable)")
+        s2.set_defaults(fn=_run)
 
     s = sub.add_parser("figures", help="the method's figures from a demo run folder, for print (what `make figures` runs)")
     s.add_argument("run", help="a finished demo run folder (holds summary.json)")

@@ -34,6 +34,7 @@ from .foundation import description_accuracy, load_foundation, skill_accuracy, t
 from .harness import evaluate
 from .inference import MAX_NEW_TOKENS
 from .paths import foundation_dir, worlds_dir
+from .pipeline import STAGES, apply_overrides, load_stage_figures, run_stage, save_stage_figures
 from .presets import PRESETS, RunConfig
 from .runs import Manifest, RunFolder, file_digest
 from .selection import gold_rationale_gain, run_selection, selection_summary
@@ -51,21 +52,29 @@ def world_summary(info: dict) -> dict:
 
 
 def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny", foundation: str | Path | None = None,
-             world_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Run (or resume) the demo into ``out``. ``out`` is a run folder (``runs.RunFolder``): its manifest holds
-    the preset's config, the seed, the foundation's weights file digest and the code version; a folder made
-    from anything else is moved aside whole (``<out>.stale-<time>``) and the demo starts afresh there."""
-    cfg: RunConfig = PRESETS[preset](seed)
+             world_dir: str | Path | None = None, progress: bool = True, overrides: dict | None = None,
+             only: str | None = None) -> dict:
+    """Run (or resume) the demo into ``out``: the stages of ``pipeline.STAGES``, each in its own folder with
+    its own manifest, then ``summary.json`` and the figures.
+
+    ``out`` is a run folder (``runs.RunFolder``) for one preset, seed and foundation; a folder made from
+    another is moved aside whole. Inside it a stage whose settings and inputs are unchanged is skipped, and
+    a changed setting reruns that stage and the ones after it (``pipeline.run_stage``). ``overrides`` sets
+    config fields by dotted path (``{"stage2.rl.steps": 40}``). ``only`` runs that one stage (the stages
+    before it must be done: ``pipeline.StageNotDone``) and rebuilds the summary."""
+    cfg: RunConfig = apply_overrides(PRESETS[preset](seed), overrides or {})
+    if only is not None and only not in STAGES:
+        raise ValueError(f"only={only!r}: not a stage ({', '.join(STAGES)})")
     fpath = Path(foundation) if foundation else foundation_dir()
     weights = fpath / "model.safetensors"
-    manifest = Manifest.make("demo", {"preset": preset, **cfg.to_dict()}, seed,
+    manifest = Manifest.make("demo", {"preset": preset}, seed,
                              {"foundation": file_digest(weights) if weights.exists() else "to be trained"})
     with RunFolder(out, manifest, overwrite=True):
-        return _run_demo(seed, Path(out), preset, cfg, fpath, world_dir, progress)
+        return _run_demo(seed, Path(out), preset, cfg, fpath, world_dir, progress, only)
 
 
 def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, world_dir: str | Path | None,
-              progress: bool) -> dict:
+              progress: bool, only: str | None) -> dict:
     t0 = time.time()
     atomic_write_text(out / "config.json", json.dumps({"seed": seed, **cfg.to_dict()}, indent=1, default=str))
     run_name = f"{out.name} ({preset}, seed {seed})"
@@ -73,40 +82,72 @@ def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, wo
     root = Path(world_dir) if world_dir else worlds_dir() / f"{preset}-seed{seed}"
     log.info("[1/7] toy world -> %s", root)
     info = build_world(root, cfg.world, progress=progress)
-
     if not (fpath / "foundation.json").exists():
         log.warning("no foundation model at %s: training stage 0 in this process (about 2.3 hours on 2 cores with "
                     "the 2 processes of `make foundation`)", fpath)
         train_foundation(fpath)
-    log.info("[2/7] stage-0 foundation from %s: measuring what it sees on held-out items", fpath)
-    backbone, meta = load_foundation(fpath)
-    seen = description_accuracy(backbone, seed=10_000 + seed, n=cfg.description_items)
-    skills = skill_accuracy(backbone, seed=20_000 + seed, n=max(4, cfg.description_items // 2))
-
     registry = toy_registry(info)
+    found = {"foundation": file_digest(fpath / "model.safetensors")}
+    loaded: dict = {}
+
+    def foundation_model():
+        if "backbone" not in loaded:
+            loaded["backbone"], loaded["meta"] = load_foundation(fpath)
+        return loaded["backbone"]
+
+    def may(stage: str) -> bool:
+        return only is None or only == stage
+
+    def stage0(folder: Path) -> dict:
+        log.info("[2/7] stage-0 foundation from %s: measuring what it sees on held-out items", fpath)
+        backbone = foundation_model()
+        seen = description_accuracy(backbone, seed=10_000 + seed, n=cfg.description_items)
+        skills = skill_accuracy(backbone, seed=20_000 + seed, n=max(4, cfg.description_items // 2))
+        log.info("[3/7] stage-0 direct evaluation (the pretrained model, before any reasoning training)")
+        direct = evaluate(backbone, root, registry, "stage0_direct", out_dir=folder,
+                          latency_sample=cfg.latency_sample, progress=progress)
+        return {"stage0_direct": direct.summary(), "description_accuracy": seen, "skill_accuracy": skills,
+                "fingerprint": loaded["meta"]["fingerprint"],
+                "backbone": {"arch": backbone.arch, "source": backbone.source, "video_mode": backbone.video_mode,
+                             "params": sum(p.numel() for p in backbone.model.parameters())}}
+
+    world_cfg = {"world": cfg.world}
+    s0 = run_stage("stage0", out / "eval", {**world_cfg, "description_items": cfg.description_items,
+                                            "latency_sample": cfg.latency_sample}, seed, found, stage0, may("stage0"))
+    evals = {"stage0_direct": s0.result["stage0_direct"]}
+    selection_block, stage1_block, gate_block, stage2_block, sel = None, None, None, None, None
     figs = {}
-    log.info("[3/7] stage-0 direct evaluation (the pretrained model, before any reasoning training)")
-    stage0 = evaluate(backbone, root, registry, "stage0_direct", out_dir=out / "eval",
-                      latency_sample=cfg.latency_sample, progress=progress)
-    evals = {"stage0_direct": stage0.summary()}
-    selection_block, stage1_block, gate_block, stage2_block = None, None, None, None
     if cfg.selection.n_per_dataset > 0:
-        log.info("[4/7] candidate rationales from %d workers, counterfactual selection (stage-0 evaluator)",
-                 5 if cfg.selection.own_worker else 4)
-        table, sels, _ = run_selection(backbone, seed, cfg.world.hard_fraction, cfg.selection, out / "selection",
-                                       progress=progress)
-        main = sels[cfg.selection.variant]
-        selection_block = selection_summary(main, {k: v for k, v in sels.items() if k != cfg.selection.variant})
-        gold = gold_rationale_gain(backbone, root, registry)
-        selection_block["gold_rationale_gain_hard"] = gold["mean"]
-        selection_block["gold_rationale_hard_per_dataset"] = {"direct": gold["direct"], "gold": gold["gold"]}
-        figs.update({"selection_gain_scatter": gain_scatter(table, cfg.selection.tau),
-                     "selection_gain_by_worker": gain_by_worker(table, cfg.selection.variant),
-                     "selection_outcome": selection_outcome(main)})
-    if cfg.selection.n_per_dataset > 0 and cfg.stage1.loop.steps > 0:
-        log.info("[5/7] stage 1 (%d steps): selected rationales, and the random-worker ablation side by side",
-                 cfg.stage1.loop.steps)
-        arms = run_arms(str(fpath), str(root), info, str(out / "selection"), out / "stage1", cfg, seed)
+        def select(folder: Path) -> dict:
+            log.info("[4/7] candidate rationales from %d workers, counterfactual selection (stage-0 evaluator)",
+                     5 if cfg.selection.own_worker else 4)
+            backbone = foundation_model()
+            table, sels, _ = run_selection(backbone, seed, cfg.world.hard_fraction, cfg.selection, folder,
+                                           progress=progress)
+            main = sels[cfg.selection.variant]
+            block = selection_summary(main, {k: v for k, v in sels.items() if k != cfg.selection.variant})
+            gold = gold_rationale_gain(backbone, root, registry)
+            block["gold_rationale_gain_hard"] = gold["mean"]
+            block["gold_rationale_hard_per_dataset"] = {"direct": gold["direct"], "gold": gold["gold"]}
+            save_stage_figures(folder, {"selection_gain_scatter": gain_scatter(table, cfg.selection.tau),
+                                        "selection_gain_by_worker": gain_by_worker(table, cfg.selection.variant),
+                                        "selection_outcome": selection_outcome(main)})
+            return block
+
+        sel = run_stage("selection", out / "selection", {**world_cfg, "selection": cfg.selection}, seed, found,
+                        select, may("selection"))
+        selection_block = sel.result
+        figs.update(load_stage_figures(sel.folder))
+    if sel is not None and cfg.stage1.loop.steps > 0:
+        def stage1(folder: Path) -> dict:
+            log.info("[5/7] stage 1 (%d steps): selected rationales, and the random-worker ablation side by side",
+                     cfg.stage1.loop.steps)
+            return run_arms(str(fpath), str(root), info, str(sel.folder), folder, cfg, seed)
+
+        s1 = run_stage("stage1", out / "stage1", {**world_cfg, "stage1": cfg.stage1, "baselines": cfg.baselines,
+                                                  "latency_sample": cfg.latency_sample}, seed,
+                       {**found, "selection": sel.digest}, stage1, may("stage1"))
+        arms = s1.result
         ours, abl = arms["selected"], arms["random_worker"]
         evals.update({"direct": ours["direct"], "always": ours["always"], "oracle": ours["oracle"]})
         baselines = {}
@@ -114,7 +155,7 @@ def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, wo
             if name in arms:
                 evals[name] = arms[name][mode] | {"trained_rationales": arms[name]["rationales"],
                                                   "train_wall_s": arms[name]["train_wall_s"]}
-                baselines[name] = (out / "stage1" / name / "model", mode)
+                baselines[name] = (str(s1.folder / name / "model"), mode)
         stage1_block = {
             "steps": ours["steps"], "train_wall_s": ours["train_wall_s"],
             "rationale_sensitivity": ours["rationale_sensitivity"],
@@ -127,13 +168,18 @@ def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, wo
                 "rationale_step_accuracy": abl["rationale_step_accuracy"],
                 "always": {k: abl["always"][k] for k in ("overall", "easy", "hard")}},
         }
-        figs["stage1_curves"] = stage1_curves({"selected": read_metrics(out / "stage1" / "selected" / "train"),
-                                               "random_worker": read_metrics(out / "stage1" / "random_worker" / "train")})
+        figs["stage1_curves"] = stage1_curves({"selected": read_metrics(s1.folder / "selected" / "train"),
+                                               "random_worker": read_metrics(s1.folder / "random_worker" / "train")})
         if cfg.run_stage2:
-            log.info("[6/7] stage 2: GRPO (%d steps) teaches the gate when to reason; adaptive evaluation and sweep",
-                     cfg.stage2.rl.steps)
-            s2 = run_stage2(out / "stage1" / "selected" / "model", root, registry, out / "stage2", cfg.stage2, seed,
-                            cfg.world.hard_fraction, seed, cfg.latency_sample, progress, baselines)
+            def stage2(folder: Path) -> dict:
+                log.info("[6/7] stage 2: GRPO (%d steps) teaches the gate when to reason; adaptive evaluation "
+                         "and sweep", cfg.stage2.rl.steps)
+                return run_stage2(s1.folder / "selected" / "model", root, registry, folder, cfg.stage2, seed,
+                                  cfg.world.hard_fraction, seed, cfg.latency_sample, progress, baselines)
+
+            s2 = run_stage("stage2", out / "stage2", {**world_cfg, "stage2": cfg.stage2,
+                                                      "latency_sample": cfg.latency_sample}, seed,
+                           {"stage1": s1.digest}, stage2, may("stage2")).result
             evals = retime_fixed_modes(evals | s2["eval"], s2["gate"]["latency"])
             gate_block, stage2_block = s2["gate"], s2["stage2"]
             gate_block["oracle_gain_captured"] = oracle_gain_captured(evals)
@@ -150,16 +196,16 @@ def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, wo
     if "direct" not in evals:
         evals["direct"] = evals["stage0_direct"]
 
+    seen, skills = s0.result["description_accuracy"], s0.result["skill_accuracy"]
     summary = {
         "preset": preset, "seed": seed, "world": world_summary(info),
-        "foundation": {"path": str(fpath), "fingerprint": meta["fingerprint"], "description_accuracy": seen,
+        "foundation": {"path": str(fpath), "fingerprint": s0.result["fingerprint"], "description_accuracy": seen,
                        "skill_accuracy": skills},
         "eval": evals,
         **({"selection": selection_block} if selection_block else {}),
         **({"stage1": stage1_block} if stage1_block else {}),
         **({"gate": gate_block, "stage2": stage2_block} if gate_block else {}),
-        "backbone": {"arch": backbone.arch, "source": backbone.source, "video_mode": backbone.video_mode,
-                     "params": sum(p.numel() for p in backbone.model.parameters())},
+        "backbone": s0.result["backbone"],
         "wall_s": time.time() - t0,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))

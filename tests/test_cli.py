@@ -8,7 +8,8 @@ import pytest
 
 from mmemb_lab.cli import main, parser
 
-COMMANDS = ["world", "foundation", "train", "evaluate", "demo", "figures", "bench", "datasets", "data", "benchmark"]
+COMMANDS = ["world", "foundation", "train", "evaluate", "demo", "run", "select", "stage1", "stage2", "figures", "bench",
+            "datasets", "data", "benchmark"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
