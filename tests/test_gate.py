@@ -231,3 +231,24 @@ def test_the_threshold_chosen_on_validation_is_the_best_and_ties_go_to_the_highe
 
     assert choose_threshold([pt(0.9, 60.0), pt(0.5, 64.0), pt(0.1, 62.0)]).threshold == 0.5
     assert choose_threshold([pt(0.98, 64.0), pt(0.5, 64.0), pt(0.1, 63.0)]).threshold == 0.98
+
+
+def test_committed_gate_is_the_demo_model_it_says_it_is():
+    """``data/gate`` (notebook 05's gate without a demo run) is a stage-2 model of the foundation's architecture
+    and tokenizer; its weights are the ones ``gate.json`` records (a changed file is caught), and its threshold
+    is the one the demo chose on validation."""
+    import json
+
+    from mmemb_lab.backbone import load_backbone
+    from mmemb_lab.paths import data_dir, foundation_dir
+    from mmemb_lab.runs import weights_digest
+
+    folder = data_dir() / "gate"
+    if not (folder / "gate.json").exists():
+        pytest.skip("no committed gate in this checkout")
+    record = json.loads((folder / "gate.json").read_text())
+    gate_model = load_backbone(folder)
+    assert weights_digest(gate_model.model) == record["weights"]
+    assert gate_model.arch == load_backbone(foundation_dir()).arch
+    assert gate_model.tokenizer.get_vocab() == load_backbone(foundation_dir()).tokenizer.get_vocab()
+    assert record["threshold_rule"].startswith("best overall on val") and 0 < record["threshold"] < 1
