@@ -16,7 +16,7 @@ MARKER := $(VENV)/.installed
 # Tests and the demo must never wait on the Hugging Face Hub (a stray lookup retries for ~50 s).
 OFFLINE := HF_HUB_OFFLINE=1
 
-.PHONY: venv demo test browser-test figures bench foundation lab clean
+.PHONY: venv demo test browser-test figures bench gpu-check foundation lab clean
 
 venv: $(MARKER)
 
@@ -49,6 +49,12 @@ figures: $(MARKER)
 
 bench: $(MARKER)
 	$(OFFLINE) $(VPY) -m mmemb_lab bench --out runs/bench
+
+# On one GPU: stage-1 speed, memory and MFU of Qwen3-VL-4B (released shape, random weights: no download) at the
+# paper recipe's per-GPU batch with GradCache, direct-mode embedding throughput, gate latency closed and open.
+# Writes runs/gpu-check/gpu_check.json. On a CPU: make gpu-check GPU_CHECK_ARGS="--scale tiny".
+gpu-check: $(MARKER)
+	$(OFFLINE) $(VPY) -m mmemb_lab gpu-check --out runs/gpu-check $(GPU_CHECK_ARGS)
 
 # Trains the stage-0 foundation model into data/foundation from scratch, as one run (resumable from
 # data/foundation.work, whose manifest refuses a rerun with other settings): 11600 steps, the last 3000 also

@@ -7,7 +7,6 @@ N GPUs:         accelerate launch -m mmemb_lab train ...   (or torchrun --nproc-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -168,28 +167,24 @@ def _demo(a) -> None:
     print(f"wrote {Path(a.out) / 'summary.json'} and {Path(a.out) / 'figures'} in {s['wall_s']:.0f} s")
 
 
-def _recipe(a):
-    from .pipeline import Recipe
-
-    r = Recipe.load(a.recipe) if getattr(a, "recipe", None) else Recipe()
-    if getattr(a, "preset", None):
-        r = dataclasses.replace(r, preset=a.preset)
-    for key in ("seed", "out"):
-        if getattr(a, key, None) is not None:
-            r = dataclasses.replace(r, **{key: getattr(a, key)})
-    return r.with_overrides(a.set or [])
-
-
 def _run(a) -> None:
     """``mmemb-lab run RECIPE`` (every stage, skipping what is done) or ``mmemb-lab <stage>`` (that stage)."""
     from .demo import format_summary, run_demo
+    from .pipeline import Recipe
 
-    r = _recipe(a)
+    r = Recipe.resolve(getattr(a, "recipe", None), a.preset, a.seed, a.out, a.set)
     only = {"select": "selection"}.get(a.command, a.command) if a.command != "run" else None
     s = run_demo(seed=r.seed, out=r.out, preset=r.preset, foundation=r.foundation, world_dir=r.world,
                  overrides=r.overrides, only=only)
     print(format_summary(s))
     print(f"wrote {Path(r.out) / 'summary.json'} and {Path(r.out) / 'figures'} in {s['wall_s']:.0f} s")
+
+
+def _gpu_check(a) -> None:
+    from .gpu_check import run_gpu_check
+
+    print(json.dumps(run_gpu_check(a.out, a.scale, a.per_gpu_batch, a.chunk, a.steps, a.n_embed, a.n_gate,
+                                   a.peak_tflops), indent=1))
 
 
 def _figures(a) -> None:
@@ -374,6 +369,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="folder for the figures (default: figures/<run folder name>)")
     s.add_argument("--no-png", action="store_true", help="HTML only (no browser needed)")
     s.set_defaults(fn=_figures)
+
+    s = sub.add_parser("gpu-check", help="stage-1 speed, memory and MFU, embedding throughput and gate latency of "
+                                         "Qwen3-VL-4B (released shape, random weights) on one GPU (make gpu-check)")
+    s.add_argument("--out", default="runs/gpu-check")
+    s.add_argument("--scale", default="qwen3-vl-4b", choices=["qwen3-vl-4b", "tiny"],
+                   help="tiny: the same measurements with the tiny spec (runs on a CPU)")
+    s.add_argument("--per-gpu-batch", type=_positive(int), default=None,
+                   help="stage-1 batch on this GPU (default: the paper recipe's global batch / GPUs)")
+    s.add_argument("--chunk", type=int, default=None, help="GradCache chunk (default: the paper recipe's)")
+    s.add_argument("--steps", type=_positive(int), default=3, help="stage-1 steps (the first warms up)")
+    s.add_argument("--n-embed", type=_positive(int), default=256, help="inputs embedded in the direct mode")
+    s.add_argument("--n-gate", type=_positive(int), default=16, help="queries timed one at a time at the gate")
+    s.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak for MFU (default: looked up by device name)")
+    s.set_defaults(fn=_gpu_check)
 
     s = sub.add_parser("bench", help="speed benchmarks, JSON (what `make bench` runs)")
     s.add_argument("--out", default="runs/bench")

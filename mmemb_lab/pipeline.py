@@ -153,6 +153,15 @@ class Recipe:
             raise RunError(f"{path}: unknown recipe keys {extra} (known: {sorted(known)})")
         return cls(**{**raw, "overrides": dict(raw.get("overrides") or {})})
 
+    @classmethod
+    def resolve(cls, path: str | Path | None, preset: str | None = None, seed: int | None = None,
+                out: str | None = None, sets: list[str] | None = None) -> "Recipe":
+        """A recipe file (or the defaults), then the command line's preset, seed, out and ``--set`` on top."""
+        r = cls.load(path) if path else cls()
+        given = {"preset": preset, "seed": seed, "out": out}
+        r = dataclasses.replace(r, **{k: v for k, v in given.items() if v is not None})
+        return r.with_overrides(sets or [])
+
     def with_overrides(self, pairs: list[str]) -> "Recipe":
         """``["stage2.rl.steps=40", ...]`` (values read as YAML) added to the recipe's overrides."""
         extra = {}
