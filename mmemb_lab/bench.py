@@ -20,18 +20,20 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from . import foundation, stage1
-from .backbone import Backbone, build_tiny
 from .data import item_query
-from .embed import embed
-from .gate import gate_and_spans, gate_forward
-from .harness import HarnessConfig, ToySource, direct_encoder, run_benchmark
-from .inference import generate_rationales
+from .eval.harness import HarnessConfig, ToySource, direct_encoder, run_benchmark
+from .method import stage1
+from .method.selection import pair_partners, score_candidate, score_pairs, toy_pairs
+from .method.workers import toy_rationales
+from .model.backbone import Backbone, build_tiny
+from .model.embed import embed
+from .model.gating import gate_and_spans, gate_forward
+from .model.inference import generate_rationales
 from .paths import foundation_dir
+from .runs import atomic_write_text
 from .scale import memory_estimate
-from .selection import pair_partners, score_candidate, score_pairs, toy_pairs
-from .train import LoopConfig, atomic_write_text, read_metrics, run_loop
-from .workers import toy_rationales
+from .train import foundation
+from .train.loop import LoopConfig, read_metrics, run_loop
 from .world.build import WorldConfig, build_world, toy_registry
 from .world.tasks import DATASETS, HARD_FRACTION, make_item
 
@@ -144,7 +146,7 @@ def stage1_steps(chunk: int, batch: int, buckets: int, steps: int = 5) -> dict:
 def gate_span_reuse(backbone, n: int = 16, max_new_tokens: int = 32, repeats: int = 3) -> dict:
     """An opened query, alone (batch size 1): the gate's prefill, then a fresh generation that prefills the
     prompt again (the earlier adaptive path), vs the span continued from the gate's own KV cache
-    (``gate.gate_and_spans``). The two are timed back to back on each query, ``repeats`` times over ``n``
+    (``gating.gate_and_spans``). The two are timed back to back on each query, ``repeats`` times over ``n``
     mixed queries; medians (ms) and the median of the per-query ratios. ``same_spans`` checks both wrote
     the same tokens. Paired medians, because best-of-3 totals swung between runs (docs/research-log.md,
     Evaluation: paired medians)."""

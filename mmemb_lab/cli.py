@@ -29,8 +29,8 @@ def _positive(kind, zero: bool = False):
 
 def _known_errors() -> tuple:
     """Errors that carry a one-line message naming the file, dataset or row and the way out."""
-    from .backbone import CheckpointError
     from .data import DataError
+    from .model.backbone import CheckpointError
     from .runs import RunError
 
     return UsageError, RunError, CheckpointError, DataError, FileExistsError
@@ -60,7 +60,7 @@ def _foundation(a) -> None:
     from dataclasses import replace
 
     from . import distributed
-    from .foundation import FoundationConfig, train_foundation
+    from .train.foundation import FoundationConfig, train_foundation
 
     cfg = FoundationConfig()
     if a.steps:
@@ -83,7 +83,7 @@ def _foundation(a) -> None:
 
 
 def _load(a):
-    from .backbone import load_backbone, lora_config
+    from .model.backbone import load_backbone, lora_config
     from .paths import foundation_dir
 
     return load_backbone(a.backbone or foundation_dir(), lora=lora_config() if getattr(a, "lora", False) else None)
@@ -108,8 +108,8 @@ def _train(a) -> None:
 
     from . import distributed
     from .data import open_split
-    from .finetune import FinetuneConfig, finetune
     from .runs import Manifest, RunFolder, weights_digest, world_digest
+    from .train.finetune import FinetuneConfig, finetune
 
     info = _world_info(a.world)  # everything about the arguments is checked before a model loads
     datasets = a.datasets or sorted(info["datasets"])
@@ -122,7 +122,7 @@ def _train(a) -> None:
     check_writable(a.out)
     with distributed.init_from_env():
         cfg = FinetuneConfig(batch_size=a.batch_size)
-        cfg = replace(cfg, loop=replace(cfg.loop, steps=a.steps, lr=a.lr, seed=a.seed))
+        cfg = replace(cfg, loop=replace(cfg.loop, steps=a.steps, lr=a.lr))
         backbone = _load(a)
         manifest = Manifest.make("train", {"finetune": cfg, "datasets": datasets, "lora": a.lora}, a.seed,
                                  {"weights": weights_digest(backbone.model), "world": world_digest(a.world),
@@ -136,7 +136,7 @@ def _train(a) -> None:
 
 
 def _evaluate(a) -> None:
-    from .harness import evaluate
+    from .eval.harness import evaluate
     from .runs import Manifest, RunFolder, weights_digest, world_digest
     from .world.build import toy_registry
 
@@ -164,7 +164,7 @@ def _demo(a) -> None:
 
     s = run_demo(seed=a.seed, out=a.out, preset=a.preset)
     print(format_summary(s))
-    print(f"wrote {Path(a.out) / 'summary.json'} and {Path(a.out) / 'figures'} in {s['wall_s']:.0f} s")
+    print(f"wrote {Path(a.out) / 'summary.json'} and {Path(a.out) / 'figures'} in {s.wall_s:.0f} s")
 
 
 def _run(a) -> None:
@@ -177,7 +177,7 @@ def _run(a) -> None:
     s = run_demo(seed=r.seed, out=r.out, preset=r.preset, foundation=r.foundation, world_dir=r.world,
                  overrides=r.overrides, only=only)
     print(format_summary(s))
-    print(f"wrote {Path(r.out) / 'summary.json'} and {Path(r.out) / 'figures'} in {s['wall_s']:.0f} s")
+    print(f"wrote {Path(r.out) / 'summary.json'} and {Path(r.out) / 'figures'} in {s.wall_s:.0f} s")
 
 
 def _gpu_check(a) -> None:
@@ -208,7 +208,7 @@ def _bench(a) -> None:
 
 
 def _datasets(a) -> None:
-    from .registry import benchmark
+    from .eval.registry import benchmark
 
     if a.benchmark == "toy":
         from .world.tasks import DATASETS
@@ -227,7 +227,7 @@ def _datasets(a) -> None:
 
 
 def _data(a) -> None:
-    from .mmeb import download
+    from .eval.mmeb import download
 
     manifest = download(a.to, datasets=a.datasets or None, revision=a.revision)
     print(json.dumps({"to": str(a.to), "datasets": len(manifest["datasets"])}, indent=1))
@@ -237,10 +237,10 @@ def _benchmark(a) -> None:
     from dataclasses import replace
 
     from . import distributed
-    from .harness import HarnessConfig, MMEBSource, ToySource, run_benchmark, run_oracle
-    from .modes import InferenceConfig, encoder_for, settings_for
-    from .registry import benchmark
-    from .report import load_peers, table_from_result, table_markdown
+    from .eval.harness import HarnessConfig, MMEBSource, ToySource, run_benchmark, run_oracle
+    from .eval.modes import InferenceConfig, encoder_for, settings_for
+    from .eval.registry import benchmark
+    from .eval.report import load_peers, table_from_result, table_markdown
 
     inference = InferenceConfig()  # the defaults, written once there
     for flag, field, value in (("--threshold", "threshold", a.threshold), ("--max-new-tokens", "max_new_tokens",
@@ -391,7 +391,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("data", help="fetch benchmark data from the Hugging Face Hub (resumable)")
     dsub = s.add_subparsers(dest="action", required=True)
-    d = dsub.add_parser("download", help="download MMEB-V2 into a local folder (layout: mmemb_lab/mmeb.py)")
+    d = dsub.add_parser("download", help="download MMEB-V2 into a local folder (layout: mmemb_lab/eval/mmeb.py)")
     d.add_argument("benchmark", choices=["mmeb-v2"])
     d.add_argument("--to", required=True, help="local folder (rerun to resume)")
     d.add_argument("--datasets", nargs="*", help="subset of the registry's datasets (default: all 78)")

@@ -1,7 +1,7 @@
 """From records to model inputs: toy-world items in memory and MMEB-schema datasets on disk.
 
 Concept
-    The same ``Input`` objects (``mmemb_lab.embed``) come out of the toy world's in-memory items (used by
+    The same ``Input`` objects (``mmemb_lab.model.embed``) come out of the toy world's in-memory items (used by
     stage 0, which draws fresh items every step) and out of datasets on disk in the real MMEB schemas
     (``mmemb_lab.world.build`` writes the toy world that way; real MMEB data has the same columns), so
     the training loop and the evaluation harness never know which world they run on.
@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from .embed import Input
+from .model.embed import Input
 from .world.scenes import Obj, Page, Scene, Video, render_object, render_page, render_scene
 
 log = logging.getLogger(__name__)
@@ -59,8 +62,41 @@ def candidate_key(text: str, visual) -> str:
 # ---------------------------------------------------------------------------------------------
 # datasets on disk in the MMEB schemas (toy world or real MMEB, same code)
 
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
+
+
+_METRIC_RE = re.compile(r"^(hit|ndcg|ndcg_linear)@[1-9][0-9]*$")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One evaluation dataset and the rules it is scored by."""
+
+    name: str
+    """Dataset name exactly as the reference reports it (score-file name), e.g. ``"K700"``."""
+    modality: str
+    """``"image"``, ``"video"`` or ``"visdoc"`` for MMEB-V2; free-form for other benchmarks."""
+    meta_task: str
+    """Paper-table column within the modality, e.g. ``"CLS"``, ``"RET"``, ``"VDRv1"``."""
+    metric: str
+    """Headline metric, ``"hit@k"`` or ``"ndcg@k"`` (linear-gain NDCG)."""
+    eval_type: str
+    """``"local"`` (per-query candidate list) or ``"global"`` (whole deduplicated corpus)."""
+    hf_source: str
+    """Where the evaluation data lives (repo id, or the dataset name where unknown)."""
+    instruction: str
+    """Query-side instruction of the reference prompts."""
+
+    def __post_init__(self) -> None:
+        if self.eval_type not in ("local", "global"):
+            raise ValueError(f"{self.name}: eval_type must be 'local' or 'global', got {self.eval_type!r}")
+        if not _METRIC_RE.match(self.metric):
+            raise ValueError(f"{self.name}: metric must look like 'hit@1' or 'ndcg@5', got {self.metric!r}")
+
+    @property
+    def column(self) -> str:
+        """The paper-table column key, ``"<modality>/<meta_task>"`` (e.g. ``"image/CLS"``)."""
+        return f"{self.modality}/{self.meta_task}"
+
 
 TRAIN_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 LOCAL_EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
@@ -296,3 +332,15 @@ def load_eval(world_root: str | Path, name: str, eval_type: str, strict: bool = 
                                  tuple(r.get("gold_steps") or ()), r.get("answer", ""), r["query-id"]))
     return EvalSet(name, queries, cands, "global", len(problems), tuple(problems[:MAX_PROBLEMS]))
 
+
+def visual_array(visual):
+    """A world visual as one RGB array (video frames side by side, 4-px gaps)."""
+    ims = to_pil(visual)
+    ims = ims if isinstance(ims, list) else [ims]
+    h = max(im.height for im in ims)
+    parts = []
+    for im in ims:
+        a = np.asarray(im.convert("RGB"))
+        parts += [np.pad(a, ((0, h - a.shape[0]), (0, 0), (0, 0)), constant_values=255),
+                  np.full((h, 4, 3), 255, dtype=np.uint8)]
+    return np.concatenate(parts[:-1], axis=1)

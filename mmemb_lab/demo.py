@@ -16,30 +16,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .eval.harness import evaluate
 from .figures import description_accuracy as description_figure
-from .figures import (
-    easy_hard_by_dataset,
-    gain_by_worker,
-    gain_scatter,
-    gate_curve,
-    gate_invocation,
-    modes_easy_hard,
-    reasoning_headroom,
-    rl_curves,
-    save_figures,
-    selection_outcome,
-    stage1_curves,
-)
-from .foundation import description_accuracy, load_foundation, skill_accuracy, train_foundation
-from .harness import evaluate
-from .inference import MAX_NEW_TOKENS
+from .figures import gain_by_worker, gain_scatter, run_figures, save_figures, selection_outcome
+from .method.selection import gold_rationale_gain, run_selection, selection_summary
+from .method.stage2 import retime_fixed_modes, run_stage2
+from .model.inference import MAX_NEW_TOKENS
 from .paths import foundation_dir, worlds_dir
 from .pipeline import STAGES, apply_overrides, load_stage_figures, run_stage, save_stage_figures
 from .presets import PRESETS, RunConfig
-from .runs import Manifest, RunFolder, file_digest
-from .selection import gold_rationale_gain, run_selection, selection_summary
-from .stage2 import retime_fixed_modes, run_stage2
-from .train import atomic_write_text, read_metrics
+from .runs import Manifest, RunFolder, atomic_write_text, file_digest
+from .summary import FoundationSummary, GateSummary, ModeScores, SelectionSummary, Stage1Summary, Stage2Summary, Summary
+from .train.foundation import description_accuracy, load_foundation, skill_accuracy, train_foundation
 from .world.build import build_world, toy_registry
 
 log = logging.getLogger(__name__)
@@ -53,7 +41,7 @@ def world_summary(info: dict) -> dict:
 
 def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny", foundation: str | Path | None = None,
              world_dir: str | Path | None = None, progress: bool = True, overrides: dict | None = None,
-             only: str | None = None) -> dict:
+             only: str | None = None) -> Summary:
     """Run (or resume) the demo into ``out``: the stages of ``pipeline.STAGES``, each in its own folder with
     its own manifest, then ``summary.json`` and the figures.
 
@@ -74,7 +62,7 @@ def run_demo(seed: int = 0, out: str | Path = "runs/demo", preset: str = "tiny",
 
 
 def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, world_dir: str | Path | None,
-              progress: bool, only: str | None) -> dict:
+              progress: bool, only: str | None) -> Summary:
     t0 = time.time()
     atomic_write_text(out / "config.json", json.dumps({"seed": seed, **cfg.to_dict()}, indent=1, default=str))
     run_name = f"{out.name} ({preset}, seed {seed})"
@@ -116,7 +104,7 @@ def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, wo
                                             "latency_sample": cfg.latency_sample}, seed, found, stage0, may("stage0"))
     evals = {"stage0_direct": s0.result["stage0_direct"]}
     selection_block, stage1_block, gate_block, stage2_block, sel = None, None, None, None, None
-    figs = {}
+    figs = {}  # the stages' own figures; the rest are drawn from the summary (``figures.run_figures``)
     if cfg.selection.n_per_dataset > 0:
         def select(folder: Path) -> dict:
             log.info("[4/7] candidate rationales from %d workers, counterfactual selection (stage-0 evaluator)",
@@ -168,8 +156,6 @@ def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, wo
                 "rationale_step_accuracy": abl["rationale_step_accuracy"],
                 "always": {k: abl["always"][k] for k in ("overall", "easy", "hard")}},
         }
-        figs["stage1_curves"] = stage1_curves({"selected": read_metrics(s1.folder / "selected" / "train"),
-                                               "random_worker": read_metrics(s1.folder / "random_worker" / "train")})
         if cfg.run_stage2:
             def stage2(folder: Path) -> dict:
                 log.info("[6/7] stage 2: GRPO (%d steps) teaches the gate when to reason; adaptive evaluation "
@@ -183,34 +169,25 @@ def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, wo
             evals = retime_fixed_modes(evals | s2["eval"], s2["gate"]["latency"])
             gate_block, stage2_block = s2["gate"], s2["stage2"]
             gate_block["oracle_gain_captured"] = oracle_gain_captured(evals)
-            figs.update({"gate_invocation": gate_invocation(s2["eval"]["adaptive"], gate_block),
-                         "gate_curve": gate_curve(gate_block["curve"], gate_block["threshold"],
-                                                  gate_block["threshold_choice"]["stage2"].get("curve")),
-                         "rl_curves": rl_curves(stage2_block["reward_during_rl"], stage2_block["invocation_during_rl"])})
-        figs["modes_easy_hard"] = modes_easy_hard(evals)
     else:
         log.info("[5/7] (no stage 1 in this preset)")
-    if selection_block:
-        figs["reasoning_headroom"] = reasoning_headroom(evals["stage0_direct"], selection_block, gate_block)
     log.info("[7/7] writing summary and figures")
     if "direct" not in evals:
         evals["direct"] = evals["stage0_direct"]
 
     seen, skills = s0.result["description_accuracy"], s0.result["skill_accuracy"]
-    summary = {
-        "preset": preset, "seed": seed, "world": world_summary(info),
-        "foundation": {"path": str(fpath), "fingerprint": s0.result["fingerprint"], "description_accuracy": seen,
-                       "skill_accuracy": skills},
-        "eval": evals,
-        **({"selection": selection_block} if selection_block else {}),
-        **({"stage1": stage1_block} if stage1_block else {}),
-        **({"gate": gate_block, "stage2": stage2_block} if gate_block else {}),
-        "backbone": s0.result["backbone"],
-        "wall_s": time.time() - t0,
-    }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    figs.update({"direct_easy_vs_hard": easy_hard_by_dataset(summary["eval"]["direct"]),
-                 "foundation_description_accuracy": description_figure(seen),
+    typed = lambda block, kind: kind.from_json(block) if block else None  # noqa: E731
+    summary = Summary(
+        preset=preset, seed=seed, world=world_summary(info),
+        foundation=FoundationSummary(path=str(fpath), fingerprint=s0.result["fingerprint"],
+                                     description_accuracy=seen, skill_accuracy=skills),
+        eval={mode: ModeScores.from_json(d) for mode, d in evals.items()},
+        selection=typed(selection_block, SelectionSummary), stage1=typed(stage1_block, Stage1Summary),
+        gate=typed(gate_block, GateSummary), stage2=typed(stage2_block, Stage2Summary),
+        backbone=s0.result["backbone"], wall_s=time.time() - t0)
+    summary.save(out / "summary.json")
+    figs.update(run_figures(out, summary))
+    figs.update({"foundation_description_accuracy": description_figure(seen),
                  "foundation_skill_accuracy": description_figure(
                      skills, title="Stage 0: single-step skills (the hops a rationale chains)")})
     save_figures(figs, out / "figures", run=run_name)  # the run's own folder only: one run never overwrites another's
@@ -218,7 +195,7 @@ def _run_demo(seed: int, out: Path, preset: str, cfg: RunConfig, fpath: Path, wo
 
 
 def _arm_entry(args: tuple) -> dict:
-    from .stage1 import run_arm
+    from .method.stage1 import run_arm
 
     return run_arm(*args)
 
@@ -237,17 +214,17 @@ def oracle_gain_captured(evals: dict) -> float | None:
     return (a - d) / (o - d)
 
 
-def latency_check(adaptive: dict, always: dict, timed: dict) -> str:
+def latency_check(adaptive: ModeScores, always: ModeScores, timed: dict) -> str:
     """The cost line, adaptive <= (invocation rate + 0.1) x always, and what it is made of.
 
     The bound takes the invocation rate over every evaluation query, but latency is timed on a sample
     (``latency_sample`` queries per dataset, ``gate["latency"]``). So the line also shows the sample's own
     share of opened queries, and what an opened query cost beside the always mode on the same queries."""
-    bound = (adaptive["invocation_rate"] + 0.1) * always["latency_ms_per_query"]
-    ok = adaptive["latency_ms_per_query"] <= bound
-    text = (f"cost line: adaptive {adaptive['latency_ms_per_query']:.1f} ms "
-            f"{'<=' if ok else '>'} (invocation {adaptive['invocation_rate']:.2f} + 0.1) x always "
-            f"{always['latency_ms_per_query']:.1f} = {bound:.1f} ms ({'met' if ok else 'NOT met'}); "
+    bound = (adaptive.invocation_rate + 0.1) * always.latency_ms_per_query
+    ok = adaptive.latency_ms_per_query <= bound
+    text = (f"cost line: adaptive {adaptive.latency_ms_per_query:.1f} ms "
+            f"{'<=' if ok else '>'} (invocation {adaptive.invocation_rate:.2f} + 0.1) x always "
+            f"{always.latency_ms_per_query:.1f} = {bound:.1f} ms ({'met' if ok else 'NOT met'}); "
             f"on the {timed['n']} timed queries the gate opened on {timed['invoked_share']:.2f}")
     if timed.get("invoked_ms") is not None:
         text += (f", an opened one cost {timed['invoked_ms']:.1f} ms "
@@ -255,10 +232,10 @@ def latency_check(adaptive: dict, always: dict, timed: dict) -> str:
     return text
 
 
-def format_summary(summary: dict) -> str:
-    """A plain-text digest of a demo's summary.json: every mode's scores and latency, then what selection
+def format_summary(summary: Summary) -> str:
+    """A plain-text digest of a demo's summary: every mode's scores and latency, then what selection
     kept, where the gate opened and what it cost (printed at the end of ``make demo``)."""
-    ev = summary["eval"]
+    ev = summary.eval
     lines = [f"{'mode':14s} {'overall':>8s} {'easy':>6s} {'hard':>6s} {'ms/query':>9s}  reasoning invoked"]
     for mode in ("stage0_direct", "baseline_direct", "baseline_always", "direct", "always", "oracle",
                  "adaptive_stage1", "adaptive"):
@@ -270,55 +247,55 @@ def format_summary(summary: dict) -> str:
                "baseline_always": "always (trained to reason on every pair)",
                "oracle": "where it helps (needs the positive: an upper bound)"}.get(mode)
         if mode == "adaptive_stage1":
-            inv = f"{d['invocation_rate']:.2f} (the stage-1 model's own gate, before GRPO)"
+            inv = f"{d.invocation_rate:.2f} (the stage-1 model's own gate, before GRPO)"
         if mode == "adaptive":
-            inv = (f"{d['invocation_rate']:.2f} (easy {d['invocation_rate_easy']:.2f}, hard "
+            inv = (f"{d.invocation_rate:.2f} (easy {d['invocation_rate_easy']:.2f}, hard "
                    f"{d['invocation_rate_hard']:.2f}); p50 / p95 {d['latency_ms_p50']:.1f} / "
                    f"{d['latency_ms_p95']:.1f} ms")
-        lines.append(f"{mode:14s} {d['overall']:8.1f} {d['easy']:6.1f} {d['hard']:6.1f} "
-                     f"{d['latency_ms_per_query']:9.1f}  {inv}")
-    sel = summary.get("selection")
+        lines.append(f"{mode:14s} {d.overall:8.1f} {d.easy:6.1f} {d.hard:6.1f} "
+                     f"{d.latency_ms_per_query:9.1f}  {inv}")
+    sel = summary.selection
     if sel:
-        lines.append(f"selection ({sel['variant']}, tau {sel['tau']:.2f}): "
-                     f"precision {_num(sel['precision'], '.3f')}; "
+        lines.append(f"selection ({sel['variant']}, tau {sel.tau:.2f}): "
+                     f"precision {_num(sel.precision, '.3f')}; "
                      f"no reasoning on {sel['no_reasoning_rate_easy']:.2f} of easy / "
                      f"{sel['no_reasoning_rate_hard']:.2f} of hard pairs; "
                      f"the gold rationale adds {sel['gold_rationale_gain_hard']:+.1f} on hard items")
-        if "recall_on_opportunity" in sel:
-            share = sel["selected_share_by_worker"]
-            lines.append(f"  recall on opportunity {_num(sel['recall_on_opportunity'], '.2f')}; selections from "
+        if sel.recall_on_opportunity is not None:
+            share = sel.selected_share_by_worker
+            lines.append(f"  recall on opportunity {_num(sel.recall_on_opportunity, '.2f')}; selections from "
                          f"format_only {share.get('format_only', 0):.3f}, hallucinating "
                          f"{share.get('hallucinating', 0):.3f}; worker step accuracy: "
-                         + ", ".join(f"{k} {v:.2f}" for k, v in sel["worker_step_accuracy"].items()))
-        per = sel.get("no_reasoning_rate_hard_per_dataset")
+                         + ", ".join(f"{k} {v:.2f}" for k, v in sel.worker_step_accuracy.items()))
+        per = sel.no_reasoning_rate_hard_per_dataset
         if per:
             lines.append("  no reasoning on hard pairs, per dataset: "
                          + ", ".join(f"{k.removeprefix('toy_')} {v:.2f}" for k, v in per.items()))
-    gate = summary.get("gate")
+    gate = summary.gate
     if gate:
-        choice = gate.get("threshold_choice", {})
+        choice = gate.threshold_choice
         how = {m: c["threshold"] for m, c in choice.items() if c.get("split") == "val"}
         if how:
             lines.append("thresholds chosen on the validation split (best overall there): after GRPO "
                          f"{how.get('stage2')}, stage-1 gate {how.get('stage1')}")
-        lines.append(f"gate (threshold {gate['threshold']}): precision / recall vs needs_reasoning "
+        lines.append(f"gate (threshold {gate.threshold}): precision / recall vs needs_reasoning "
                      f"{_num(gate['precision_vs_needs_reasoning'], '.2f')} / "
                      f"{_num(gate['recall_vs_needs_reasoning'], '.2f')}; "
                      + ("the gate never closed" if gate["latency_ms_not_invoked"] is None
                         else f"a closed gate costs {gate['latency_ms_not_invoked']:.1f} ms"))
-        if "adaptive" in ev and "always" in ev and "latency" in gate:
-            lines.append(latency_check(ev["adaptive"], ev["always"], gate["latency"]))
-            lat = gate["latency"]
+        if "adaptive" in ev and "always" in ev:
+            lines.append(latency_check(ev["adaptive"], ev["always"], gate.latency))
+            lat = gate.latency
             if "mixed_cost_ratio" in lat:
                 lines.append(f"mixed cost: adaptive {lat['adaptive_ms']:.1f} ms / ((1 - s) direct + s always = "
                              f"{lat['mixed_cost_ms']:.1f} ms) = {lat['mixed_cost_ratio']:.2f} on {lat['n']} queries "
                              f"timed together (s = {lat['invoked_share']:.2f} there, {lat['invoked_share_eval']:.2f} "
                              "on the whole eval set)")
-        if gate.get("oracle_gain_captured") is not None:
+        if gate.oracle_gain_captured is not None:
             lines.append(f"oracle gain captured: (adaptive - direct) / (oracle - direct) = "
-                         f"{gate['oracle_gain_captured']:.2f}")
+                         f"{gate.oracle_gain_captured:.2f}")
     lines.append("foundation sees: " + ", ".join(f"{k} {v:.3f}"
-                                                 for k, v in summary["foundation"]["description_accuracy"].items()))
+                                                 for k, v in summary.foundation.description_accuracy.items()))
     return "\n".join(lines)
 
 
@@ -330,7 +307,7 @@ def run_arms(foundation: str, world_root: str, info: dict, selection_dir: str, o
     one thread each (two 1-thread processes use 2 cores better than one 2-thread): ours then the direct
     baseline here, the ablation then the always baseline in the other."""
 
-    from .stage1 import run_arm
+    from .method.stage1 import run_arm
 
     common = (world_root, info, selection_dir)
     threads = 1 if cfg.parallel_arms else None

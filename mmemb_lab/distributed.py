@@ -103,6 +103,15 @@ def reduce_mean(value: float) -> float:
     return float(t.item()) / world_size()
 
 
+def reduce_sum(value: float) -> float:
+    """Sum of a Python number over ranks (a count that normalises a loss over the global batch)."""
+    if not is_distributed():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return float(t.item())
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy (if installed) and torch (all devices) with the same ``seed``.
 

@@ -3,7 +3,7 @@
 Concept (docs/method.md, step 5)
     ``Embedder.from_pretrained(path or Hub id).encode(inputs, reasoning=...)`` is MMEmb-R1 at inference:
     every input gets one unit-norm embedding, read at ``<|emb|>``, and per input the answer to "did the
-    model reason first, and what did it write?". ``reasoning`` picks the query mode (``mmemb_lab.modes``):
+    model reason first, and what did it write?". ``reasoning`` picks the query mode (``mmemb_lab.eval.modes``):
 
     - ``"never"``: the direct mode (no rationale);
     - ``"always"``: write a rationale in the reasoning span, then embed after it;
@@ -36,10 +36,10 @@ from typing import Mapping, Sequence
 import torch
 from PIL import Image
 
-from .backbone import Backbone, load_backbone
 from .data import DataError, open_image
-from .embed import Input, InputError
-from .modes import InferenceConfig, as_encoded, encoder_for
+from .eval.modes import InferenceConfig, as_encoded, encoder_for
+from .model.backbone import Backbone, load_backbone
+from .model.embed import Input, InputError
 
 __all__ = ["REASONING", "KEYS", "Embeddings", "Embedder"]
 

@@ -11,8 +11,8 @@ Concept
     tokens/s here is for short sequences; the report records the mean sequence length.
 
     Every measurement goes through the code a run uses: ``stage1.make_step_fn`` under ``train.run_loop``
-    (LoRA on the language model as in the paper recipe), ``embed.embed``, ``gate.gate_forward`` (closed)
-    and ``gate.gate_and_spans`` (open). ``scale="tiny"`` runs the same path with the tiny spec on the CPU,
+    (LoRA on the language model as in the paper recipe), ``embed.embed``, ``gating.gate_forward`` (closed)
+    and ``gating.gate_and_spans`` (open). ``scale="tiny"`` runs the same path with the tiny spec on the CPU,
     which is how ``make test`` keeps this script from rotting.
 
     MFU is an estimate: stage 1 under GradCache runs a forward without a graph, then a forward and a backward
@@ -34,15 +34,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import stage1
-from .backbone import Backbone, TinySpec, attn_implementation, build_tiny, image_processor_for, lora_config, tiny_config
 from .data import item_query
-from .embed import collate, embed
-from .gate import gate_and_spans, gate_forward
+from .method import stage1
+from .model.backbone import (
+    Backbone,
+    TinySpec,
+    attn_implementation,
+    build_tiny,
+    image_processor_for,
+    lora_config,
+    tiny_config,
+)
+from .model.embed import collate, embed
+from .model.gating import gate_and_spans, gate_forward
 from .paths import foundation_dir
-from .runs import RunError
+from .runs import RunError, atomic_write_text
 from .scale import PaperPreset
-from .train import LoopConfig, atomic_write_text, read_metrics, run_loop
+from .train.loop import LoopConfig, read_metrics, run_loop
 from .world.tasks import DATASETS, HARD_FRACTION, make_item
 
 QWEN3_VL_4B = {

@@ -36,8 +36,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import yaml
 
-from .runs import Manifest, RunError, RunFolder, describe
-from .train import atomic_write_text
+from .runs import Manifest, RunError, RunFolder, atomic_write_text, describe
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .finetune import FinetuneConfig
-from .inference import LATENCY_SAMPLE
-from .rl import RLConfig
-from .selection import SelectionConfig
-from .stage1 import Stage1Config
-from .stage2 import Stage2Config
-from .train import LoopConfig
+from .method.rl import RLConfig
+from .method.selection import SelectionConfig
+from .method.stage1 import Stage1Config
+from .method.stage2 import Stage2Config
+from .model.inference import LATENCY_SAMPLE
+from .train.finetune import FinetuneConfig
+from .train.loop import LoopConfig
 from .world.build import WorldConfig
 
 
@@ -54,18 +54,18 @@ def tiny(seed: int = 0) -> RunConfig:
     192 selected pairs per dataset, 160 stage-1 steps (fewer cost the direct path more), a demo of minutes
     on 2 cores (docs/research-log.md, Stage 1: steps in the tiny preset; Evaluation: run time)."""
     return RunConfig("tiny", WorldConfig(seed=seed, n_train=256, n_eval=100, n_val=50),
-                     FinetuneConfig(loop=LoopConfig(steps=100, lr=2e-4, warmup=10, ckpt_every=25, seed=seed)),
+                     FinetuneConfig(loop=LoopConfig(steps=100, lr=2e-4, warmup=10, ckpt_every=25)),
                      SelectionConfig(n_per_dataset=192),  # 64: stage 1 memorised 512 pairs (direct hard -14)
-                     Stage1Config(loop=LoopConfig(steps=160, lr=2e-4, warmup=20, ckpt_every=40, seed=seed),
+                     Stage1Config(loop=LoopConfig(steps=160, lr=2e-4, warmup=20, ckpt_every=40),
                                   hard_negatives=2), latency_sample=LATENCY_SAMPLE)
 
 
 def smoke(seed: int = 0) -> RunConfig:
     """Seconds-long preset for tests: tiny sizes everywhere."""
     return RunConfig("smoke", WorldConfig(seed=seed, n_train=16, n_eval=12, n_val=6),
-                     FinetuneConfig(loop=LoopConfig(steps=4, lr=2e-4, warmup=1, ckpt_every=2, seed=seed),
+                     FinetuneConfig(loop=LoopConfig(steps=4, lr=2e-4, warmup=1, ckpt_every=2),
                                     batch_size=8), SelectionConfig(n_per_dataset=3, own_max_new_tokens=8),
-                     Stage1Config(loop=LoopConfig(steps=2, lr=5e-4, warmup=1, ckpt_every=2, seed=seed), batch_size=4),
+                     Stage1Config(loop=LoopConfig(steps=2, lr=5e-4, warmup=1, ckpt_every=2), batch_size=4),
                      Stage2Config(RLConfig(steps=2, prompts_per_step=2, num_generations=2, max_completion_length=8,
                                            probe_every=1, seed=seed), n_per_dataset=1, probe_per_dataset=1,
                                   thresholds=(0.1, 0.5, 0.9), max_new_tokens=8),

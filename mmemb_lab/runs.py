@@ -45,6 +45,19 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 
 
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class RunError(RuntimeError):
     """A run folder cannot be used as asked; the message names the folder and the way out."""
 
@@ -151,8 +164,6 @@ class Manifest:
         return cls(d.get("command", ""), d.get("config", {}), d.get("seed"), d.get("inputs", {}), d.get("code", ""))
 
     def save(self, folder: str | Path) -> None:
-        from .train import atomic_write_text
-
         atomic_write_text(Path(folder) / MANIFEST, json.dumps(self.to_json(), indent=1, sort_keys=True))
 
     @classmethod

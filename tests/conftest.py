@@ -13,15 +13,15 @@ SMALL = dict(hidden=64, layers=2, heads=2, kv_heads=1, ffn=128, vision_dim=32, v
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from mmemb_lab.backbone import train_tokenizer
-    from mmemb_lab.foundation import world_corpus
+    from mmemb_lab.model.backbone import train_tokenizer
+    from mmemb_lab.train.foundation import world_corpus
 
     return train_tokenizer(world_corpus(0, 300), 400)
 
 
 @pytest.fixture(scope="session")
 def make_backbone(tokenizer):
-    from mmemb_lab.backbone import TinySpec, build_tiny
+    from mmemb_lab.model.backbone import TinySpec, build_tiny
 
     def make(arch="qwen3_vl", seed=0):
         bb = build_tiny(TinySpec(arch=arch, **SMALL), tokenizer, seed=seed, device="cpu")  # GPU: tests/test_gpu.py
@@ -56,7 +56,7 @@ def tiny_foundation(make_backbone, tmp_path_factory):
     plumbing must not wait for, nor depend on, the committed stage-0 model."""
     import json
 
-    from mmemb_lab.foundation import WORLD_VERSION, world_fingerprint
+    from mmemb_lab.train.foundation import WORLD_VERSION, world_fingerprint
 
     path = tmp_path_factory.mktemp("foundation") / "f"
     bb = make_backbone(seed=21)

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from mmemb_lab.backbone import EMB_TOKEN, QWEN_SPECIAL, CheckpointError, load_backbone
 from mmemb_lab.data import item_candidates, item_query
-from mmemb_lab.embed import Input, base_model, collate, embed, length_key
+from mmemb_lab.model.backbone import EMB_TOKEN, QWEN_SPECIAL, CheckpointError, load_backbone
+from mmemb_lab.model.embed import Input, base_model, collate, embed, length_key
 from mmemb_lab.world.tasks import make_item
 
 
@@ -100,7 +100,7 @@ def test_real_checkpoint_gets_our_tokens_and_resized_embeddings(make_backbone, t
     tok.train_from_iterator(["red star at top-left"] * 10, trainers.BpeTrainer(
         vocab_size=300, special_tokens=list(QWEN_SPECIAL), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
-    from mmemb_lab.backbone import TinySpec, build_tiny
+    from mmemb_lab.model.backbone import TinySpec, build_tiny
     from tests.conftest import SMALL
 
     bb = build_tiny(TinySpec(**SMALL), hf)

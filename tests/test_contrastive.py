@@ -1,4 +1,4 @@
-"""Tests for mmemb_lab.contrastive and mmemb_lab.distributed.
+"""Tests for mmemb_lab.train.contrastive and mmemb_lab.distributed.
 
 Float64 throughout where we compare to 1e-6: the claims are exact identities (chain rule, DDP averaging),
 so any residue should be rounding, and float64 keeps rounding far below the tolerance.
@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from mmemb_lab import distributed
-from mmemb_lab.contrastive import grad_cache_step, info_nce, log_prob_positive
+from mmemb_lab.train.contrastive import grad_cache_step, info_nce, log_prob_positive
+from mmemb_lab.train.loop import distributed
 
 TAU = 0.1
 

@@ -6,7 +6,7 @@ import pytest
 from datasets import Dataset, load_from_disk
 
 from mmemb_lab.data import DataError, load_eval, load_train
-from mmemb_lab.embed import Input, InputError, embed
+from mmemb_lab.model.embed import Input, InputError, embed
 
 
 def _copy(small_world, tmp_path):

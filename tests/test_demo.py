@@ -1,6 +1,7 @@
 """The main job end to end on the seconds-long preset: summary.json has the promised fields, figures exist."""
 
 import json
+from dataclasses import replace
 
 
 def test_demo_smoke(smoke_run, monkeypatch, tiny_foundation):
@@ -97,8 +98,13 @@ def test_demo_smoke(smoke_run, monkeypatch, tiny_foundation):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["preset"] == "smoke"
     # the digest `make demo` prints ends the run: one row per mode, read from the summary
     from mmemb_lab.demo import format_summary
+    from mmemb_lab.summary import Summary
 
-    text = format_summary(on_disk)
+    typed = Summary.load(tmp_path / "run")
+    now = json.loads((tmp_path / "run" / "summary.json").read_text())  # as the rerun above rewrote it
+    assert typed.to_json() == now and list(typed.to_json()) == list(now)  # summary.json is its serialisation
+    assert typed.eval["adaptive"].overall == on_disk["eval"]["adaptive"]["overall"]
+    text = format_summary(typed)
     for mode in ("stage0_direct", "direct", "always", "oracle", "adaptive"):
         row = next(line for line in text.splitlines() if line.split()[0] == mode)
         assert float(row.split()[1]) == round(on_disk["eval"][mode]["overall"], 1), row
@@ -114,6 +120,6 @@ def test_demo_smoke(smoke_run, monkeypatch, tiny_foundation):
     cost = next(line for line in text.splitlines() if line.startswith("cost line:"))
     assert ("(met)" in cost) == met and ("(NOT met)" in cost) == (not met), cost
     assert f"opened on {gate['latency']['invoked_share']:.2f}" in cost
-    bare = {"eval": {"direct": on_disk["eval"]["direct"]}, "foundation": on_disk["foundation"]}  # no stages 1-2
-    assert len(format_summary(bare).splitlines()) == 3
-    assert s["eval"]["direct"]["overall"] == on_disk["eval"]["direct"]["overall"]
+    bare = replace(typed, eval={"direct": typed.eval["direct"]}, selection=None, stage1=None, gate=None, stage2=None)
+    assert len(format_summary(bare).splitlines()) == 3  # no stages 1-2
+    assert s.eval == typed.eval and s.eval["direct"].overall == on_disk["eval"]["direct"]["overall"]  # rerun: same scores

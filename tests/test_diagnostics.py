@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmemb_lab.diagnostics import PROBE_OFFSET, linear_readout, slot_labels, slot_probe
+from mmemb_lab.method.diagnostics import PROBE_OFFSET, linear_readout, slot_labels, slot_probe
 from mmemb_lab.world.scenes import COLOURS, LETTERS, POSITIONS, SHAPES
 from mmemb_lab.world.tasks import make_item
 

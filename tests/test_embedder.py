@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import mmemb_lab
-from mmemb_lab import embed, embedder
+from mmemb_lab import embedder
 from mmemb_lab.data import item_query
-from mmemb_lab.embed import InputError
 from mmemb_lab.embedder import Embedder
-from mmemb_lab.gate import AdaptiveEncoder, gate_forward
-from mmemb_lab.harness import HarnessConfig, ToySource, run_benchmark
-from mmemb_lab.modes import InferenceConfig
+from mmemb_lab.eval.harness import HarnessConfig, ToySource, run_benchmark
+from mmemb_lab.eval.modes import InferenceConfig
+from mmemb_lab.model import embed
+from mmemb_lab.model.embed import InputError
+from mmemb_lab.model.gating import AdaptiveEncoder, gate_forward
 from mmemb_lab.world.build import toy_registry
 from mmemb_lab.world.tasks import make_item
 

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from mmemb_lab.data import EvalQuery, EvalSet
-from mmemb_lab.embed import Input
-from mmemb_lab.harness import evaluate
-from mmemb_lab.scoring import score_set
+from mmemb_lab.eval.harness import evaluate
+from mmemb_lab.eval.scoring import score_set
+from mmemb_lab.model.embed import Input
 from mmemb_lab.world.build import toy_registry
 
 
@@ -51,7 +51,7 @@ def test_evaluate_runs_on_the_world_and_writes_files(backbone, small_world, tmp_
 def test_perfect_encoder_scores_100(backbone, small_world):
     """An encoder that embeds each query exactly as its positive candidate gets 100 on local tasks."""
     from mmemb_lab.data import load_eval
-    from mmemb_lab.embed import embed
+    from mmemb_lab.model.embed import embed
 
     root, info = small_world
     es = load_eval(root, "toy_cls", "local")
@@ -70,7 +70,7 @@ def test_collapsed_model_scores_zero_and_is_flagged(caplog):
     qs = [EvalQuery(Input(f"q{i}"), tuple("abcd"[i:] + "abcd"[:i]), {"abcd"[i]: 1}) for i in range(4)]
     es = EvalSet("collapsed", qs, cands, "local")  # query i: its positive first, then the others
     same = torch.nn.functional.normalize(torch.ones(1, 8), dim=-1)
-    with caplog.at_level("WARNING", logger="mmemb_lab.scoring"):
+    with caplog.at_level("WARNING", logger="mmemb_lab.eval.scoring"):
         s = score_set(es, same.repeat(4, 1), same.repeat(4, 1), "hit@1")
     assert s.score == 0.0 and s.at_k["hit@5"] == 100.0
     assert all(t not in q.relevance for t, q in zip(s.top1, qs))  # the predictions file agrees with the score
@@ -80,7 +80,7 @@ def test_collapsed_model_scores_zero_and_is_flagged(caplog):
 
 
 def test_near_constant_embeddings_are_flagged_and_spread_ones_are_not():
-    from mmemb_lab.scoring import COLLAPSE_DISTANCE, collapse_warnings, mean_cosine_distance
+    from mmemb_lab.eval.scoring import COLLAPSE_DISTANCE, collapse_warnings, mean_cosine_distance
 
     g = torch.Generator().manual_seed(0)
     spread = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)

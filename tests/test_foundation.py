@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmemb_lab.foundation import (
+from mmemb_lab.paths import foundation_dir
+from mmemb_lab.train.foundation import (
     Stage0,
     answer_labels,
     description_accuracy,
@@ -14,7 +15,6 @@ from mmemb_lab.foundation import (
     score_scene_text,
     world_fingerprint,
 )
-from mmemb_lab.paths import foundation_dir
 from mmemb_lab.world.scenes import POSITIONS, random_page, random_scene
 
 COMMITTED = foundation_dir() / "foundation.json"
@@ -53,7 +53,7 @@ def test_description_scoring_is_exact():
 
 
 def test_answer_labels_cover_only_the_answer(backbone):
-    from mmemb_lab.embed import Input, collate
+    from mmemb_lab.model.embed import Input, collate
 
     answers = ["top-left red star.<|im_end|>", "E is 4.<|im_end|>"]
     batch = collate(backbone, [Input("what is at top-left?"), Input("a much longer question, what is E?")], answers)
@@ -64,7 +64,7 @@ def test_answer_labels_cover_only_the_answer(backbone):
 
 
 def test_stage0_step_trains_head_and_backbone(backbone):
-    from mmemb_lab.foundation import FoundationConfig, make_step_fn
+    from mmemb_lab.train.foundation import FoundationConfig, make_step_fn
 
     st = Stage0(backbone)
     cfg = FoundationConfig(gen_batch=4, nce_batch=4, see_steps=0)
@@ -78,8 +78,8 @@ def test_stage0_step_trains_head_and_backbone(backbone):
 
 def test_frame_labels_number_each_frames_tokens(backbone):
     from mmemb_lab.data import to_pil
-    from mmemb_lab.embed import Input, collate
-    from mmemb_lab.foundation import frame_labels
+    from mmemb_lab.model.embed import Input, collate
+    from mmemb_lab.train.foundation import frame_labels
     from mmemb_lab.world.scenes import random_video
 
     rng = np.random.default_rng(0)
@@ -92,7 +92,7 @@ def test_frame_labels_number_each_frames_tokens(backbone):
 
 
 def test_phase_two_adds_the_frame_loss(backbone):
-    from mmemb_lab.foundation import FoundationConfig, make_step_fn
+    from mmemb_lab.train.foundation import FoundationConfig, make_step_fn
 
     st = Stage0(backbone)
     cfg = FoundationConfig(gen_batch=4, gen_batch_nce=12, nce_batch=2, see_steps=0, frame_phase=0,
@@ -105,8 +105,8 @@ def test_phase_two_adds_the_frame_loss(backbone):
 
 def test_a_checkpoint_from_before_a_new_head_is_carried_over(make_backbone, tmp_path):
     """Weights and optimiser moments of old parameters survive; the new head starts fresh; resume works."""
-    from mmemb_lab.foundation import adopt_checkpoint
-    from mmemb_lab.train import LoopConfig, run_loop
+    from mmemb_lab.train.foundation import adopt_checkpoint
+    from mmemb_lab.train.loop import LoopConfig, run_loop
 
     backbone = make_backbone(seed=1)  # trained below: not the shared fixture
     old = Stage0(backbone)
@@ -136,7 +136,7 @@ def test_a_checkpoint_from_before_a_new_head_is_carried_over(make_backbone, tmp_
 def test_reading_spans_join_at_the_read_phase_on_hard_items_only():
     """From ``read_phase`` on, some hard queries carry true observations then the answer statement; before
     it, none do, and easy queries never carry more than their one step."""
-    from mmemb_lab.foundation import FoundationConfig, contrastive_batch, observations
+    from mmemb_lab.train.foundation import FoundationConfig, contrastive_batch, observations
     from mmemb_lab.world.tasks import make_item
 
     cfg = FoundationConfig(read_phase=10, read_fraction=1.0, span_fraction=0.0)
@@ -152,13 +152,13 @@ def test_reading_spans_join_at_the_read_phase_on_hard_items_only():
             cell, what = obs.rstrip(".").split(": ")
             k = list(POSITIONS).index(cell)
             assert what == f"{cell} {it.query_visual.cells[k].name if it.query_visual.cells[k] else 'empty'}"
-    from mmemb_lab.foundation import reading_span
+    from mmemb_lab.train.foundation import reading_span
     assert reading_span(it, rng, 2).endswith(it.gold_steps[-1])
 
 
 def test_skill_accuracy_scores_exact_answers(monkeypatch):
     """Right answers score 1, an answer with one wrong word scores 0, per skill kind."""
-    import mmemb_lab.foundation as f
+    import mmemb_lab.train.foundation as f
     from mmemb_lab.world.skills import SKILLS
 
     rng = np.random.default_rng([5, 7])
@@ -177,7 +177,7 @@ def test_committed_foundation_reads_a_rationale():
     near chance on toy-world-v2; the toy-world-v1 models 68.8 -> 100.0 at 8600 steps and 62.5 -> 65.6 at
     6000, before the reading phase)."""
     from mmemb_lab.data import item_candidates, item_query
-    from mmemb_lab.embed import embed
+    from mmemb_lab.model.embed import embed
     from mmemb_lab.world.tasks import make_item
 
     backbone, _ = load_foundation(foundation_dir())
@@ -201,8 +201,8 @@ def test_committed_foundation_searches_by_content():
     committed model 0.99 / 0.85; the earlier toy-world-v1 model 0.95 / 0.80, and 0.09 / 0.06 at 7600 steps
     before the phase; an even spread over 9 cells is 0.11)."""
     from mmemb_lab.data import to_pil
-    from mmemb_lab.embed import Input
-    from mmemb_lab.foundation import FoundationConfig, search_attention
+    from mmemb_lab.model.embed import Input
+    from mmemb_lab.train.foundation import FoundationConfig, search_attention
     from mmemb_lab.world.skills import find_other, find_shape
 
     backbone, _ = load_foundation(foundation_dir())
@@ -219,8 +219,8 @@ def test_search_targets_point_at_the_answer_tokens_and_the_read_cells(backbone):
     """The queries of the search term are the positions that predict the answer after ``reads_after``;
     the keys are the image tokens of the cells the answer reads."""
     from mmemb_lab.data import to_pil
-    from mmemb_lab.embed import Input, collate
-    from mmemb_lab.foundation import search_targets
+    from mmemb_lab.model.embed import Input, collate
+    from mmemb_lab.train.foundation import search_targets
     from mmemb_lab.world.skills import find_shape, read_cell
 
     rng = np.random.default_rng(0)
@@ -240,8 +240,8 @@ def test_answer_weights_mark_only_what_the_question_does_not_say(backbone):
     """Skill answers: tokens absent from the question get the weight (the sum, the found cell...); echoed
     tokens and descriptions keep 1; the weighted loss equals the plain mean when the weight is 1."""
     from mmemb_lab.data import to_pil
-    from mmemb_lab.embed import Input, collate
-    from mmemb_lab.foundation import answer_weights, lm_loss
+    from mmemb_lab.model.embed import Input, collate
+    from mmemb_lab.train.foundation import answer_weights, lm_loss
     from mmemb_lab.world.skills import Skill, describe_scene
 
     skills = [Skill("plus", "what is 4 plus 3?", None, "4 plus 3 is 7."), describe_scene(np.random.default_rng(1))]
@@ -263,7 +263,7 @@ def test_answer_weights_mark_only_what_the_question_does_not_say(backbone):
 def test_chains_of_thought_join_the_next_token_batch_at_the_reason_phase_only():
     """Before ``reason_phase`` no example is multi-step; from it, ``reason_batch`` chains of thought join,
     each a fresh hard item asked "step by step" and answered with exactly its gold steps."""
-    from mmemb_lab.foundation import FoundationConfig, gen_skills
+    from mmemb_lab.train.foundation import FoundationConfig, gen_skills
     from mmemb_lab.world.skills import REASON_PREFIX, SKILLS, reason_chain, sample_skill
     from mmemb_lab.world.tasks import DATASETS
 
@@ -290,10 +290,10 @@ def test_span_form_chains_are_asked_as_stage_1_asks_and_labelled_on_the_span_onl
     """``reason_form="span"``: the same item as the plain form, under its task instruction, written inside
     ``<think>...</think>``; the next-token labels are exactly the span (no end-of-turn token), and the
     prompt is the one stage 1 writes after."""
-    from mmemb_lab.backbone import THINK_CLOSE, THINK_OPEN, TinySpec, build_tiny
     from mmemb_lab.data import item_query, to_pil
-    from mmemb_lab.embed import Input, collate
-    from mmemb_lab.foundation import FoundationConfig, answer_labels, assistant_text, gen_skills
+    from mmemb_lab.model.backbone import THINK_CLOSE, THINK_OPEN, TinySpec, build_tiny
+    from mmemb_lab.model.embed import Input, collate
+    from mmemb_lab.train.foundation import FoundationConfig, answer_labels, assistant_text, gen_skills
     from mmemb_lab.world.skills import reason_chain
     from mmemb_lab.world.tasks import DATASETS
 

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmemb_lab import gate
 from mmemb_lab.data import item_query
-from mmemb_lab.embed import collate, embed
-from mmemb_lab.gate import AdaptiveEncoder, gate_forward, gate_precision_recall, sweep
-from mmemb_lab.inference import ReasoningEncoder
+from mmemb_lab.method import gate
+from mmemb_lab.method.gate import gate_precision_recall, sweep
+from mmemb_lab.model import gating
+from mmemb_lab.model.embed import collate, embed
+from mmemb_lab.model.gating import AdaptiveEncoder, gate_forward
+from mmemb_lab.model.inference import ReasoningEncoder
 from mmemb_lab.world.tasks import make_item
 
 
@@ -54,19 +56,19 @@ def test_spans_from_the_gate_prefill_equal_generate(make_backbone, inputs):
     """Both span writers - ``generate_rationales`` (its own prefill) and the adaptive path (the gate's
     prefill, KV cache cropped to the prompt) - draw exactly the tokens of transformers' ``generate``, in a
     left-padded batch and one at a time, for both architectures (multimodal and text-only rope positions)."""
-    from mmemb_lab.inference import generate_rationales
+    from mmemb_lab.model.inference import generate_rationales
 
     for arch in ("qwen3_vl", "qwen2_5_vl"):
         bb = make_backbone(arch)
         ids, closed = _hf_greedy(bb, inputs, 6)
         ref = generate_rationales(bb, inputs, 6, batch_size=3)
-        run = gate.gate_and_spans(bb, inputs, -1.0, 6, batch_size=3)
+        run = gating.gate_and_spans(bb, inputs, -1.0, 6, batch_size=3)
         assert run.opened == list(range(len(inputs)))
         assert ref.ids == ids and ref.closed == closed
         assert run.spans.ids == ids and run.spans.closed == closed and run.spans.texts == ref.texts
         assert torch.allclose(run.gate.direct, embed(bb, inputs), atol=1e-5)
         for x in inputs[:3]:
-            assert gate.gate_and_spans(bb, [x], -1.0, 6).spans.ids == _hf_greedy(bb, [x], 6)[0]
+            assert gating.gate_and_spans(bb, [x], -1.0, 6).spans.ids == _hf_greedy(bb, [x], 6)[0]
     # a span that closes early stops there; one that does not is cut at the budget
     bb = make_backbone()
     close = bb.token_id("</think>")
@@ -76,7 +78,7 @@ def test_spans_from_the_gate_prefill_equal_generate(make_backbone, inputs):
         bias[close] = 1e4
         head.bias = torch.nn.Parameter(bias)
         try:
-            run = gate.gate_and_spans(bb, inputs, -1.0, 6)
+            run = gating.gate_and_spans(bb, inputs, -1.0, 6)
         finally:
             head.bias = None
     assert run.spans.ids == [[]] * len(inputs) and all(run.spans.closed)
@@ -93,13 +95,13 @@ def test_bench_of_the_span_continuation_runs_and_writes_the_same_spans(backbone)
 def _spy(monkeypatch):
     """Rows handed to span generation, per call that generates anything."""
     calls = []
-    real = gate.continue_spans
+    real = gating.continue_spans
 
     def spy(bb, pre, rows, *a, **k):
         if rows:
             calls.append(list(rows))
         return real(bb, pre, rows, *a, **k)
-    monkeypatch.setattr(gate, "continue_spans", spy)
+    monkeypatch.setattr(gating, "continue_spans", spy)
     return calls
 
 
@@ -146,7 +148,7 @@ def test_precision_recall_by_hand():
 
 
 def test_sweep_is_monotone_and_its_ends_are_direct_and_always(backbone, small_world):
-    from mmemb_lab.harness import evaluate
+    from mmemb_lab.eval.harness import evaluate
     from mmemb_lab.world.build import toy_registry
 
     root, info = small_world
@@ -169,8 +171,8 @@ def test_sweep_is_monotone_and_its_ends_are_direct_and_always(backbone, small_wo
 def test_stage2_modes_from_one_pass_equal_the_encoders(backbone, small_world, monkeypatch):
     """direct / always / adaptive scored from one gate pass equal evaluate() with the real encoders, and the
     gate block's precision / recall follow from the per-query openings."""
-    from mmemb_lab.harness import evaluate
-    from mmemb_lab.stage2 import gate_block, mode_results
+    from mmemb_lab.eval.harness import evaluate
+    from mmemb_lab.method.stage2 import gate_block, mode_results
     from mmemb_lab.world.build import toy_registry
 
     root, info = small_world
@@ -195,7 +197,7 @@ def test_stage2_modes_from_one_pass_equal_the_encoders(backbone, small_world, mo
 def test_reference_latency_times_the_stage1_model_in_the_same_loop(make_backbone, inputs, monkeypatch):
     """With a stage-1 model, its direct and always modes are timed per input between the others: each input
     is timed once per mode, in one loop."""
-    from mmemb_lab import stage2
+    from mmemb_lab.method import stage2
 
     rl, s1 = make_backbone(seed=0), make_backbone(seed=1)
     seen = []
@@ -208,7 +210,7 @@ def test_reference_latency_times_the_stage1_model_in_the_same_loop(make_backbone
 
 
 def test_retime_fixed_modes_takes_the_interleaved_stage1_timings():
-    from mmemb_lab.stage2 import retime_fixed_modes
+    from mmemb_lab.method.stage2 import retime_fixed_modes
 
     evals = {"direct": {"overall": 50.0, "latency_ms_per_query": 15.0},
              "always": {"overall": 55.0, "latency_ms_per_query": 140.0},
@@ -224,7 +226,7 @@ def test_retime_fixed_modes_takes_the_interleaved_stage1_timings():
 
 
 def test_the_threshold_chosen_on_validation_is_the_best_and_ties_go_to_the_highest():
-    from mmemb_lab.gate import SweepPoint, choose_threshold
+    from mmemb_lab.method.gate import SweepPoint, choose_threshold
 
     def pt(t, overall):
         return SweepPoint(t, 1 - t, None, None, overall, None, None, {}, 0.0, 0.0)
@@ -239,7 +241,7 @@ def test_committed_gate_is_the_demo_model_it_says_it_is():
     is the one the demo chose on validation."""
     import json
 
-    from mmemb_lab.backbone import load_backbone
+    from mmemb_lab.model.backbone import load_backbone
     from mmemb_lab.paths import data_dir, foundation_dir
     from mmemb_lab.runs import weights_digest
 

@@ -32,15 +32,15 @@ def _queries(n=24):
 
 def _pair():
     """The committed foundation in fp32 on the CPU and on the GPU (the same weights)."""
-    from mmemb_lab.foundation import load_foundation
     from mmemb_lab.paths import foundation_dir
+    from mmemb_lab.train.foundation import load_foundation
 
     return tuple(load_foundation(foundation_dir(), dtype=torch.float32, device=d)[0] for d in ("cpu", "cuda"))
 
 
 def test_built_tiny_lands_on_the_gpu_and_collate_follows(tokenizer):
-    from mmemb_lab.backbone import TinySpec, build_tiny
-    from mmemb_lab.embed import Input, collate
+    from mmemb_lab.model.backbone import TinySpec, build_tiny
+    from mmemb_lab.model.embed import Input, collate
 
     bb = build_tiny(TinySpec(hidden=64, layers=2, heads=2, kv_heads=1, ffn=128, vision_dim=32, vision_depth=1,
                              vision_heads=1), tokenizer)
@@ -51,7 +51,7 @@ def test_built_tiny_lands_on_the_gpu_and_collate_follows(tokenizer):
 
 
 def test_embeddings_on_gpu_match_cpu():
-    from mmemb_lab.embed import embed
+    from mmemb_lab.model.embed import embed
 
     cpu, gpu = _pair()
     items, item_query = _queries()
@@ -65,7 +65,7 @@ def _padded_batch():
     """The demo's first length-sorted batch of toy_video_ret eval queries: 32 text queries, 65 tokens, all but
     one left-padded (11-19 positions)."""
     from mmemb_lab.data import item_query
-    from mmemb_lab.embed import length_key
+    from mmemb_lab.model.embed import length_key
     from mmemb_lab.world.tasks import make_item
 
     qs = [item_query(make_item("toy_video_ret", 0, "eval", i, 0.65)) for i in range(100)]
@@ -79,7 +79,7 @@ def test_a_left_padded_batch_embeds_on_gpu_as_on_cpu():
     in the gate's input-order batches, agrees to 1e-7. Forcing SDPBackend.MATH agreed to 1e-7; forcing
     EFFICIENT_ATTENTION reproduced the 0.44; letting fully masked (padding) rows attend to every key did not
     fix it (0.31). It no longer reproduced on 2026-12-04 (README, GPU section): kept as a regression test."""
-    from mmemb_lab.embed import embed
+    from mmemb_lab.model.embed import embed
 
     cpu, gpu = _pair()
     q = _padded_batch()
@@ -89,7 +89,7 @@ def test_a_left_padded_batch_embeds_on_gpu_as_on_cpu():
 
 def _embed_padded(bb, inputs, extra: int = 0) -> torch.Tensor:
     """``inputs`` as one batch, with ``extra`` more padding positions on the left of every row."""
-    from mmemb_lab.embed import collate, hidden_states, pool
+    from mmemb_lab.model.embed import collate, hidden_states, pool
 
     b = collate(bb, inputs)
     if extra:
@@ -121,8 +121,8 @@ def test_the_padded_batch_in_bf16_agrees_with_the_math_kernel():
     agreed with the CPU in fp32)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from mmemb_lab.foundation import load_foundation
     from mmemb_lab.paths import foundation_dir
+    from mmemb_lab.train.foundation import load_foundation
 
     bf = load_foundation(foundation_dir(), dtype=torch.bfloat16, device="cuda")[0]
     q = _padded_batch()
@@ -134,8 +134,8 @@ def test_the_padded_batch_in_bf16_agrees_with_the_math_kernel():
 
 
 def test_generation_and_gate_on_gpu_match_cpu():
-    from mmemb_lab.gate import gate_and_spans, gate_forward
-    from mmemb_lab.inference import generate_rationales
+    from mmemb_lab.model.gating import gate_and_spans, gate_forward
+    from mmemb_lab.model.inference import generate_rationales
 
     cpu, gpu = _pair()
     items, item_query = _queries(16)
@@ -152,8 +152,8 @@ def test_generation_and_gate_on_gpu_match_cpu():
 
 
 def test_load_backbone_on_gpu_keeps_the_checkpoint_dtype_and_bf16_is_close_to_fp32():
-    from mmemb_lab.backbone import load_backbone
-    from mmemb_lab.embed import embed
+    from mmemb_lab.model.backbone import load_backbone
+    from mmemb_lab.model.embed import embed
     from mmemb_lab.paths import foundation_dir
 
     own = load_backbone(foundation_dir())  # the tiny checkpoint is fp32 (a Qwen-VL release: bf16)
@@ -168,9 +168,9 @@ def test_load_backbone_on_gpu_keeps_the_checkpoint_dtype_and_bf16_is_close_to_fp
 
 
 def test_foundation_trains_on_gpu_with_the_search_term_and_resumes_on_cpu(tmp_path, monkeypatch):
-    from mmemb_lab.backbone import TinySpec
-    from mmemb_lab.foundation import FoundationConfig, train_foundation
-    from mmemb_lab.train import LoopConfig, read_metrics
+    from mmemb_lab.model.backbone import TinySpec
+    from mmemb_lab.train.foundation import FoundationConfig, train_foundation
+    from mmemb_lab.train.loop import LoopConfig, read_metrics
 
     cfg = FoundationConfig(spec=TinySpec(hidden=64, layers=2, heads=2, kv_heads=1, ffn=128, vision_dim=32,
                                          vision_depth=1, vision_heads=1, vocab_size=400),
@@ -191,9 +191,9 @@ def test_foundation_trains_on_gpu_with_the_search_term_and_resumes_on_cpu(tmp_pa
 
 
 def test_stage1_chunked_and_unchunked_gradients_agree_on_gpu():
-    from mmemb_lab.foundation import load_foundation
+    from mmemb_lab.method.stage1 import Stage1Config, Stage1Model, make_step_fn
     from mmemb_lab.paths import foundation_dir
-    from mmemb_lab.stage1 import Stage1Config, Stage1Model, make_step_fn
+    from mmemb_lab.train.foundation import load_foundation
     from mmemb_lab.world.tasks import DATASETS, make_item
 
     bb, _ = load_foundation(foundation_dir(), dtype=torch.float32)
@@ -217,10 +217,10 @@ def test_stage2_decision_grpo_with_greedy_rationales_on_gpu(tmp_path, tokenizer)
     written span, the gate moves the way the reward favours, and only the ``<think>`` output row changes."""
     from dataclasses import replace
 
-    from mmemb_lab.backbone import TinySpec, build_tiny
-    from mmemb_lab.rewards import SpanTokens
-    from mmemb_lab.rl import probe_invocation, toy_rl_pairs, train_rl
-    from mmemb_lab.stage2 import Stage2Config
+    from mmemb_lab.method.rewards import SpanTokens
+    from mmemb_lab.method.rl import probe_invocation, toy_rl_pairs, train_rl
+    from mmemb_lab.method.stage2 import Stage2Config
+    from mmemb_lab.model.backbone import TinySpec, build_tiny
 
     bb = build_tiny(TinySpec(hidden=64, layers=2, heads=2, kv_heads=1, ffn=128, vision_dim=32, vision_depth=1,
                              vision_heads=1), tokenizer, seed=16)

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from mmemb_lab import distributed, harness
 from mmemb_lab.data import DataError, EvalQuery, EvalSet
-from mmemb_lab.embed import Input, embed
-from mmemb_lab.embedding_cache import shard
-from mmemb_lab.harness import Encoded, HarnessConfig, MMEBSource, ToySource, evaluate, run_benchmark
-from mmemb_lab.metrics import score_queries
-from mmemb_lab.registry import MMEB_V2
+from mmemb_lab.eval import harness
+from mmemb_lab.eval.embedding_cache import shard
+from mmemb_lab.eval.harness import Encoded, HarnessConfig, MMEBSource, ToySource, evaluate, run_benchmark
+from mmemb_lab.eval.metrics import score_queries
+from mmemb_lab.eval.registry import MMEB_V2
+from mmemb_lab.eval.scoring import score_set
+from mmemb_lab.model.embed import Input, embed
 from mmemb_lab.runs import RunMismatch
-from mmemb_lab.scoring import score_set
+from mmemb_lab.train.loop import distributed
 from mmemb_lab.world.build import toy_registry
 from tests.test_mmeb import FIXTURE_DATASETS, write_mmeb
 
@@ -294,7 +295,7 @@ class _RepeatedIds:
         return "test"
 
     def load(self, info, strict=False):
-        from mmemb_lab.mmeb import MMEBSet
+        from mmemb_lab.eval.mmeb import MMEBSet
 
         cands = {k: Input(k) for k in ("red", "green", "blue")}
         ids = ["a", "a", "b", "", "a@1"]

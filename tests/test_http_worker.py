@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from mmemb_lab.embed import Input
-from mmemb_lab.http_worker import HTTPWorker, HTTPWorkerSpec
-from mmemb_lab.workers import generate_candidates
+from mmemb_lab.method.http_worker import HTTPWorker, HTTPWorkerSpec
+from mmemb_lab.method.workers import generate_candidates
+from mmemb_lab.model.embed import Input
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -7,7 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from mmemb_lab.metrics import (
+from mmemb_lab.data import DatasetInfo
+from mmemb_lab.eval.metrics import (
     Aggregate,
     QueryScores,
     aggregate,
@@ -17,7 +18,7 @@ from mmemb_lab.metrics import (
     rank_candidates,
     score_queries,
 )
-from mmemb_lab.registry import META_TASKS, MMEB_V2, DatasetInfo
+from mmemb_lab.eval.registry import META_TASKS, MMEB_V2
 
 # ---------------------------------------------------------------- ranking and tie-breaking
 
@@ -109,7 +110,7 @@ def test_ndcg_simple_cases_by_hand():
 
 def test_reference_grade_pairing_example_of_the_docstring():
     """The module docstring's example: qrels p0 -> 2, p1 -> 1, perfect ranking p0, p1, p2 (indices 0, 1, 2)."""
-    import mmemb_lab.metrics as metrics
+    import mmemb_lab.eval.metrics as metrics
 
     ours = ndcg_at_k([0, 1, 2], {0: 2.0, 1: 1.0}, 5)
     swapped = ndcg_at_k([0, 1, 2], {0: 1.0, 1: 2.0}, 5)  # the grades paired the other way round

@@ -1,6 +1,6 @@
 """Real MMEB-V2 schemas: fixtures written here in each published column set are loaded, embedded and scored.
 
-``write_mmeb`` builds a miniature MMEB-V2 folder (the layout of ``mmemb_lab.mmeb``) with one or two
+``write_mmeb`` builds a miniature MMEB-V2 folder (the layout of ``mmemb_lab.eval.mmeb``) with one or two
 datasets per schema; ``bad`` plants the bad-data cases the harness must report (tests/test_harness.py).
 """
 
@@ -17,11 +17,11 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from mmemb_lab import mmeb
 from mmemb_lab.data import DataError
-from mmemb_lab.embed import embed
-from mmemb_lab.registry import MMEB_V2
-from mmemb_lab.scoring import score_set
+from mmemb_lab.eval import mmeb
+from mmemb_lab.eval.registry import MMEB_V2
+from mmemb_lab.eval.scoring import score_set
+from mmemb_lab.model.embed import embed
 
 LABELS = ["tench", "goldfinch", "tree frog", "scuba diver"]
 
@@ -285,7 +285,7 @@ def test_visdoc_duplicate_qrels_keep_the_highest_grade(tmp_path, caplog):
              ("q0", "p0", 1), ("q0", "p1", 2)]  # rows 5 and 6 repeat q0's pairs: one lower, one higher
     _parquet([{"query-id": q, "corpus-id": c, "score": g} for q, c, g in qrels],
              root / "visdoc" / info.name / "qrels" / "test-00000-of-00001.parquet")
-    with caplog.at_level("WARNING", logger="mmemb_lab.mmeb"):
+    with caplog.at_level("WARNING", logger="mmemb_lab.eval.mmeb"):
         es = mmeb.load_dataset(root, info)
     assert es.queries[0].relevance == {"p0": 2.0, "p1": 2.0}
     assert es.queries[1].relevance == {"p2": 1.0} and es.queries[2].relevance == {"p3": 2.0, "p1": 0.0}

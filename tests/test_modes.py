@@ -14,15 +14,15 @@ import pytest
 import torch
 
 import mmemb_lab
-from mmemb_lab import harness, modes, scoring
-from mmemb_lab.backbone import load_backbone
 from mmemb_lab.cli import main, parser
 from mmemb_lab.data import item_query
-from mmemb_lab.embed import embed
-from mmemb_lab.gate import AdaptiveEncoder, gate_forward
-from mmemb_lab.inference import ReasoningEncoder
-from mmemb_lab.mmeb import resolve
-from mmemb_lab.registry import MMEB_V2
+from mmemb_lab.eval import harness, modes, scoring
+from mmemb_lab.eval.mmeb import resolve
+from mmemb_lab.eval.registry import MMEB_V2
+from mmemb_lab.model.backbone import load_backbone
+from mmemb_lab.model.embed import embed
+from mmemb_lab.model.gating import AdaptiveEncoder, gate_forward
+from mmemb_lab.model.inference import ReasoningEncoder
 from mmemb_lab.world.build import toy_registry
 from mmemb_lab.world.tasks import make_item
 from tests.test_mmeb import write_mmeb

@@ -102,7 +102,7 @@ def test_recipe_through_the_cli_gives_the_demos_numbers_and_reruns_only_what_cha
     assert main(["run", str(recipe)]) == 0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
-    got, want = _numbers(summary), _numbers(demo)
+    got, want = _numbers(summary), _numbers(demo.to_json())
     assert got.keys() == want.keys() and len(got) > 100
     assert {k for k in got if got[k] != pytest.approx(want[k], abs=1e-9, nan_ok=True)} == set()
     stages = {"stage0": run / "eval", "selection": run / "selection", "stage1": run / "stage1", "stage2": run / "stage2"}

@@ -6,8 +6,9 @@ from itertools import groupby
 
 import pytest
 
-from mmemb_lab import registry
-from mmemb_lab.registry import META_TASKS, MMEB_V2, DatasetInfo, benchmark, register_benchmark
+from mmemb_lab.data import DatasetInfo
+from mmemb_lab.eval import registry
+from mmemb_lab.eval.registry import META_TASKS, MMEB_V2, benchmark, register_benchmark
 
 EXPECTED_COUNTS = {
     ("image", "CLS"): 10, ("image", "QA"): 10, ("image", "RET"): 12, ("image", "GD"): 4,

@@ -129,7 +129,7 @@ def test_a_planted_checkpoint_never_runs_code(small_world, tiny_foundation, tmp_
     err = capsys.readouterr().err
     assert "checkpoint.pt" in err and "--no-resume" in err
     # the stage-0 checkpoint loader is the same safe one
-    from mmemb_lab.train import load_checkpoint
+    from mmemb_lab.train.loop import load_checkpoint
 
     with pytest.raises(Exception, match="--no-resume"):
         load_checkpoint(out / "checkpoint.pt")
@@ -181,7 +181,7 @@ def _one_line_error(capsys, *needles):
 
 
 def test_errors_name_the_cause_before_any_model_loads(small_world, tiny_foundation, tmp_path, capsys, monkeypatch):
-    import mmemb_lab.backbone as backbone_mod
+    import mmemb_lab.model.backbone as backbone_mod
 
     world, _ = small_world
     loads = []

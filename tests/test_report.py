@@ -6,9 +6,9 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from mmemb_lab import report
+from mmemb_lab.eval import report
+from mmemb_lab.eval.registry import META_TASKS, MMEB_V2
 from mmemb_lab.paths import data_dir
-from mmemb_lab.registry import META_TASKS, MMEB_V2
 
 
 def _scores(seed=0):

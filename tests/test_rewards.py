@@ -5,9 +5,7 @@ import math
 import pytest
 import torch
 
-from mmemb_lab.contrastive import log_prob_positive
-from mmemb_lab.embed import Input, embed
-from mmemb_lab.rewards import (
+from mmemb_lab.method.rewards import (
     CostReward,
     FormatReward,
     PairTargets,
@@ -22,6 +20,8 @@ from mmemb_lab.rewards import (
     utility_gap,
     utility_reward,
 )
+from mmemb_lab.model.embed import Input, embed
+from mmemb_lab.train.contrastive import log_prob_positive
 
 CFG = RewardConfig(cost_per_token=0.1, cost_per_invocation=0.5, format_penalty=2.0)
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from mmemb_lab.data import item_query
-from mmemb_lab.embed import collate
-from mmemb_lab.rewards import RewardConfig, SpanTokens, parse_completion, reward_functions
-from mmemb_lab.rl import (
+from mmemb_lab.method.rewards import RewardConfig, SpanTokens, parse_completion, reward_functions
+from mmemb_lab.method.rl import (
     RLConfig,
     group_advantages,
     make_processor,
@@ -20,6 +19,7 @@ from mmemb_lab.rl import (
     toy_rl_pairs,
     train_rl,
 )
+from mmemb_lab.model.embed import collate
 from mmemb_lab.world.tasks import make_item
 
 
@@ -135,7 +135,7 @@ def test_decision_only_grpo_moves_the_gate_and_nothing_else(make_backbone, tmp_p
     the INPUT embedding of ``<think>`` included (the tiny models tie input and output embeddings, and a
     tied row moved the input every rationale is written after) - so every direct embedding is too, and
     the model's trainable flags come back."""
-    from mmemb_lab.embed import embed
+    from mmemb_lab.model.embed import embed
 
     bb = make_backbone(seed=13)
     tk = SpanTokens.of(bb.tokenizer)
@@ -164,8 +164,8 @@ def test_decision_only_grpo_moves_the_gate_and_nothing_else(make_backbone, tmp_p
 
 
 def test_greedy_rationales_expand_a_decision_into_the_span_inference_writes(make_backbone):
-    from mmemb_lab.inference import generate_rationales
-    from mmemb_lab.rl import GreedyRationales
+    from mmemb_lab.method.rl import GreedyRationales
+    from mmemb_lab.model.inference import generate_rationales
 
     bb = make_backbone(seed=14)
     tk = SpanTokens.of(bb.tokenizer)
@@ -183,7 +183,7 @@ def test_greedy_rationales_expand_a_decision_into_the_span_inference_writes(make
 def test_generated_rationales_never_open_a_second_span(make_backbone):
     """A nested <think> is suppressed inside a span - even when its output row is made to win every position,
     as decision-only GRPO may move it."""
-    from mmemb_lab.inference import generate_rationales
+    from mmemb_lab.model.inference import generate_rationales
 
     bb = make_backbone(seed=15)
     tk = SpanTokens.of(bb.tokenizer)
@@ -234,7 +234,7 @@ def test_too_few_prompts_is_an_error(backbone, tmp_path):
 
 
 def test_decision_exploration_mixes_only_the_first_token():
-    from mmemb_lab.rl import DecisionExploration
+    from mmemb_lab.method.rl import DecisionExploration
 
     proc = DecisionExploration(think=1, emb=2, eps=0.5)
     scores = torch.tensor([[0.0, 10.0, -10.0, 3.0]])  # p(think | two) ~ 1

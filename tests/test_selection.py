@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmemb_lab.embed import Input
-from mmemb_lab.selection import TAU, Pair, random_worker, score_pairs, select, swap_partners
-from mmemb_lab.workers import FORMAT_ONLY_TEXT, Rationale
+from mmemb_lab.method.selection import TAU, Pair, random_worker, score_pairs, select, swap_partners
+from mmemb_lab.method.workers import FORMAT_ONLY_TEXT, Rationale
+from mmemb_lab.model.embed import Input
 from mmemb_lab.world.tasks import make_item
 
 D = 8
@@ -118,8 +118,8 @@ def test_invalid_rationales_are_never_selected():
 def test_batched_scoring_equals_each_candidate_scored_alone(backbone):
     """score_pairs shares targets and batches query variants; scoring each candidate on its own (the bench's
     baseline) gives the same gains."""
-    from mmemb_lab.selection import score_candidate, toy_pairs
-    from mmemb_lab.workers import toy_rationales
+    from mmemb_lab.method.selection import score_candidate, toy_pairs
+    from mmemb_lab.method.workers import toy_rationales
 
     items = [make_item(d, 0, "train", i, 0.8) for i, d in enumerate(["toy_qa", "toy_doc", "toy_qa", "toy_doc"])]
     pairs = toy_pairs(items, [toy_rationales(it, 0) for it in items])
@@ -150,7 +150,7 @@ def test_swap_partner_has_another_target():
 def _tied_table(n_tied=30, n_told=10):
     """Two workers whose rationales tie under the evaluator on ``n_tied`` pairs (the wrong one ahead by
     noise) and are told apart on ``n_told`` (the wrong one far behind)."""
-    from mmemb_lab.selection import GainTable
+    from mmemb_lab.method.selection import GainTable
 
     n = n_tied + n_told
     with_ = np.stack([np.full(n, -0.100), np.r_[np.full(n_tied, -0.099), np.full(n_told, -5.0)]], axis=1)
@@ -161,7 +161,7 @@ def _tied_table(n_tied=30, n_told=10):
 
 
 def test_the_fitted_worker_prior_breaks_ties_toward_the_worker_that_wins_where_it_is_told_apart():
-    from mmemb_lab.selection import worker_prior
+    from mmemb_lab.method.selection import worker_prior
 
     t = _tied_table()
     prior = worker_prior(t)
@@ -181,7 +181,7 @@ def test_both_max_does_not_keep_a_rationale_for_out_gaining_its_own_workers_swap
     """Seed 0's "cls-57": the hallucinating rationale's own swap partner is wrong too, so its per-worker swap
     gain clears tau where the correct one's (against a correct partner) does not; "both" keeps it. "both_max"
     measures both against the strongest swapped rationale: neither is kept on that evidence."""
-    from mmemb_lab.selection import GainTable
+    from mmemb_lab.method.selection import GainTable
 
     nan = np.full((1, 2), np.nan)
     t = GainTable(["cls-57"], ["toy_cls"], np.ones(1, bool), ["concise", "hallucinating"], [["a", "b"]],
@@ -196,7 +196,8 @@ def test_both_max_does_not_keep_a_rationale_for_out_gaining_its_own_workers_swap
 
 def test_no_reasoning_per_dataset_and_the_headroom_figure_show_the_tables_numbers():
     from mmemb_lab.figures import reasoning_headroom
-    from mmemb_lab.selection import Selection
+    from mmemb_lab.method.selection import Selection
+    from mmemb_lab.summary import GateSummary, ModeScores, SelectionSummary
 
     t = dataclasses.replace(_tied_table(4, 2), datasets=["toy_qa"] * 3 + ["toy_doc"] * 3,
                             needs_reasoning=np.array([True, True, False, True, True, True]),
@@ -208,22 +209,30 @@ def test_no_reasoning_per_dataset_and_the_headroom_figure_show_the_tables_number
     # p(t+ | q) >= 1/2 = exp(-ln 2): no rationale can double it (0.55 is solved, 0.45 is not)
     solved = s.solved_directly_rate_per_dataset(True)
     assert solved == {"toy_doc": 1 / 3, "toy_qa": 0.5}
-    sel = {"no_reasoning_rate_hard_per_dataset": per, "solved_directly_rate_hard_per_dataset": solved,
-           "gold_rationale_hard_per_dataset": {"direct": {"toy_qa": 30.0, "toy_doc": 50.0},
-                                               "gold": {"toy_qa": 90.0, "toy_doc": 52.0}}}
-    gate = {"invocation_per_dataset": {"toy_qa": {"hard": 0.9}, "toy_doc": {"hard": 0.0}}}
-    fig = reasoning_headroom({"per_dataset_easy": {"toy_qa": 100.0, "toy_doc": 62.0}}, sel, gate)
+    sel = SelectionSummary(tau=TAU, precision=None, recall_on_opportunity=None, selected_share_by_worker={},
+                           worker_step_accuracy={}, no_reasoning_rate_hard_per_dataset=per,
+                           solved_directly_rate_hard_per_dataset=solved,
+                           gold_rationale_hard_per_dataset={"direct": {"toy_qa": 30.0, "toy_doc": 50.0},
+                                                            "gold": {"toy_qa": 90.0, "toy_doc": 52.0}})
+    gate = GateSummary(threshold=0.5, curve=[], threshold_choice={}, latency={},
+                       invocation_per_dataset={"toy_qa": {"hard": 0.9}, "toy_doc": {"hard": 0.0}})
+
+    def stage0(easy):
+        return ModeScores(overall=0.0, easy=None, hard=None, per_dataset={}, per_dataset_easy=easy,
+                          per_dataset_hard={}, latency_ms_per_query=None)
+
+    fig = reasoning_headroom(stage0({"toy_qa": 100.0, "toy_doc": 62.0}), sel, gate)
     bars = {tr.name: dict(zip(tr.x, tr.y)) for tr in fig.data}
     assert bars["direct"] == {"toy_qa": 30.0, "toy_doc": 50.0} and bars["with the gold rationale"]["toy_doc"] == 52.0
     assert bars["direct, easy items"] == {"toy_qa": 100.0, "toy_doc": 62.0}
     assert bars["selection kept a rationale"] == {"toy_qa": 0.5, "toy_doc": pytest.approx(1 / 3)}
     assert bars["gate opens (eval)"] == {"toy_qa": 0.9, "toy_doc": 0.0}
     assert bars["solved directly (no rationale can gain tau)"] == {"toy_qa": 0.5, "toy_doc": pytest.approx(1 / 3)}
-    assert "gate opens (eval)" not in {tr.name for tr in reasoning_headroom({"per_dataset_easy": {}}, sel).data}
+    assert "gate opens (eval)" not in {tr.name for tr in reasoning_headroom(stage0({}), sel).data}
 
 
 def test_recall_on_opportunity_counts_only_hard_pairs_where_a_correct_candidate_clears_tau():
-    from mmemb_lab.selection import Selection, worker_prior
+    from mmemb_lab.method.selection import Selection, worker_prior
 
     t = _tied_table()   # 40 hard pairs; the correct worker's removal gain is 2.9 on every one
     uniform, fitted = select(t, "both"), select(t, "both", prior=worker_prior(t))

@@ -2,10 +2,10 @@
 
 import torch
 
-from mmemb_lab.backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN
 from mmemb_lab.data import item_query
-from mmemb_lab.embed import Input, collate, encode
-from mmemb_lab.stage1 import Stage1Config, Stage1Model, assistant_target, generation_labels, make_step_fn
+from mmemb_lab.method.stage1 import Stage1Config, Stage1Model, assistant_target, generation_labels, make_step_fn
+from mmemb_lab.model.backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN
+from mmemb_lab.model.embed import Input, collate, encode
 from mmemb_lab.world.tasks import make_item
 
 
@@ -39,7 +39,7 @@ def test_stage1_step_runs_and_all_terms_have_gradients(backbone):
 
 def test_chunked_contrastive_backward_matches_unchunked(make_backbone):
     """GradCache on the real tiny Qwen3-VL: same parameter gradients within 1e-5 (fp32)."""
-    from mmemb_lab.contrastive import grad_cache_step, info_nce
+    from mmemb_lab.train.contrastive import grad_cache_step, info_nce
 
     bb = make_backbone(seed=4)
     bb.model.train()
@@ -86,7 +86,7 @@ def test_chunked_stage1_step_matches_unchunked(make_backbone):
 def test_length_buckets_give_the_one_batch_step(make_backbone):
     """Forwards split into length buckets (rows re-ordered inside, put back after) give the loss and
     gradients of one padded batch; the buckets hold every row once."""
-    from mmemb_lab.stage1 import length_buckets
+    from mmemb_lab.method.stage1 import length_buckets
 
     bb = make_backbone(seed=9)
     data = [(make_item(n, 0, "train", i, 0.6), None) for n in ("toy_qa", "toy_doc", "toy_video_qa") for i in range(2)]
@@ -114,8 +114,8 @@ def test_bucketed_batches_equal_collating_each_bucket_alone(make_backbone):
     """One collate for all rows, then per-bucket views: the same tensors as collating each bucket's rows
     on their own (images, frame sequences and text-only rows mixed; with and without assistant turns)."""
 
-    from mmemb_lab.embed import collate
-    from mmemb_lab.stage1 import assistant_target, bucketed_batches
+    from mmemb_lab.method.stage1 import assistant_target, bucketed_batches
+    from mmemb_lab.model.embed import collate
 
     bb = make_backbone(seed=9)
     items = [make_item(n, 0, "train", i, 0.6) for n in ("toy_qa", "toy_doc", "toy_video_qa", "toy_t2i") for i in range(2)]
@@ -134,9 +134,9 @@ def test_bucketed_batches_equal_collating_each_bucket_alone(make_backbone):
 def test_a_stage1_checkpoint_is_resumed_only_by_the_run_that_wrote_it(make_backbone, tmp_path):
     import pytest
 
+    from mmemb_lab.method.stage1 import train_stage1
     from mmemb_lab.runs import RunMismatch
-    from mmemb_lab.stage1 import train_stage1
-    from mmemb_lab.train import LoopConfig
+    from mmemb_lab.train.loop import LoopConfig
 
     data = [(make_item(n, 0, "train", i, 0.5), None) for n in ("toy_qa", "toy_cls") for i in range(2)]
     cfg = Stage1Config(loop=LoopConfig(steps=2, lr=1e-4, warmup=1, ckpt_every=1), batch_size=2)

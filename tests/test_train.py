@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from mmemb_lab.finetune import FinetuneConfig, finetune
-from mmemb_lab.train import LoopConfig, read_metrics
+from mmemb_lab.train.finetune import FinetuneConfig, finetune
+from mmemb_lab.train.loop import LoopConfig, read_metrics
 
 
 def _cfg():
@@ -45,7 +45,7 @@ def test_loss_decreases_on_a_fixed_batch_stream(make_backbone, small_world, tmp_
 def test_resume_refuses_a_checkpoint_of_another_size(make_backbone, small_world, tmp_path):
     import pytest
 
-    from mmemb_lab.backbone import TinySpec, build_tiny
+    from mmemb_lab.model.backbone import TinySpec, build_tiny
 
     root, info = small_world
     finetune(make_backbone(seed=0), root, ["toy_cls"], tmp_path / "r", _cfg(), seed=0, stop_after=2)

@@ -3,7 +3,7 @@
 import pytest
 
 from mmemb_lab.data import item_query
-from mmemb_lab.workers import (
+from mmemb_lab.method.workers import (
     FORMAT_ONLY_TEXT,
     TOY_WORKERS,
     HFWorker,
@@ -22,7 +22,7 @@ from mmemb_lab.world.tasks import DATASETS, make_item
 def test_toy_workers_behave_as_labelled(name):
     """Format-only and hallucinating never state the gold facts; concise and verbose do, except on their
     documented share of multi-hop items, where they go astray (a wrong fact) or skip a hop."""
-    from mmemb_lab.workers import CONCISE_SKIP_HOP, CONCISE_WRONG_HOP, VERBOSE_WRONG_HOP
+    from mmemb_lab.method.workers import CONCISE_SKIP_HOP, CONCISE_WRONG_HOP, VERBOSE_WRONG_HOP
 
     n, wrong = 200, {"concise": 0, "verbose": 0}
     multi = 0

@@ -1,6 +1,6 @@
 """Attribution as figures: the rationale's tokens as a heat strip and the query image's patches as a heat map.
 
-Used by: ``figures.paper`` (notebook 07, ``make figures``).
+Used by: ``figures.paper`` (notebook 07, ``make figures``); :func:`shortcut_figure` by ``method.shortcut``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 if TYPE_CHECKING:  # the attribution module imports captum when it runs: named for the annotations only
-    from ..attribution import PatchAttribution, TokenAttribution
+    from ..eval.attribution import PatchAttribution, TokenAttribution
 
 
 def token_figure(attr: TokenAttribution, span_only: bool = True, title: str | None = None) -> go.Figure:
@@ -51,4 +51,25 @@ def patch_figure(patches: PatchAttribution, image: int = 0, title: str | None = 
     fig.update_yaxes(range=[h - 0.5, -0.5], showticklabels=False, scaleanchor="x")
     fig.update_layout(title=title or f"patch attribution (mean-colour baseline; s = {patches.similarity:.3f})",
                       template="plotly_white", width=420, height=420)
+    return fig
+
+
+def shortcut_figure(results: dict) -> go.Figure:
+    """Models trained on different rationales (arm -> ``method.shortcut.ShortcutArm``), read with the gold one:
+    how much a fact token moves the similarity against a format token, and Hit@1 with the gold rationale
+    against a format-only one."""
+    from plotly.subplots import make_subplots
+
+    arms = list(results)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("attribution per token: fact / format",
+                                                        "Hit@1 by the rationale in the span"))
+    fig.add_bar(x=arms, y=[results[a].fact_per_format for a in arms], name="fact / format", marker_color="#0072B2",
+                row=1, col=1)
+    fig.add_hline(y=1.0, line_dash="dot", row=1, col=1, annotation_text="format = fact")
+    for key, label, colour in (("hit1_gold", "gold rationale", "#009E73"), ("hit1_format", "format-only", "#D55E00")):
+        fig.add_bar(x=arms, y=[getattr(results[a], key) for a in arms], name=label, marker_color=colour, row=1, col=2)
+    fig.update_yaxes(title_text="ratio", row=1, col=1)
+    fig.update_yaxes(title_text="Hit@1 (%)", range=[0, 105], row=1, col=2)
+    fig.update_layout(title="Does the vector use the reasoning, or its format? (models by training rationale)",
+                      barmode="group", template="plotly_white", legend_orientation="h")
     return fig

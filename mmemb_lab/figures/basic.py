@@ -9,23 +9,23 @@ import logging
 import numpy as np
 import plotly.graph_objects as go
 
-from ..data import to_pil
+from ..data import visual_array
+from ..summary import ModeScores
 from .export import EASY, HARD
 
 log = logging.getLogger(__name__)
 
 
-def easy_hard_by_dataset(eval_summary: dict, title: str = "Direct embedding: easy vs hard items") -> go.Figure:
+def easy_hard_by_dataset(scores: ModeScores, title: str = "Direct embedding: easy vs hard items") -> go.Figure:
     """Grouped bars per dataset: score on easy items vs hard items (where a direct embedder fails)."""
-    names = list(eval_summary["per_dataset"])
+    names = list(scores.per_dataset)
     fig = go.Figure()
-    for key, label, colour in (("per_dataset_easy", "easy", EASY),
-                               ("per_dataset_hard", "hard (multi-hop)", HARD)):
-        fig.add_bar(x=names, y=[eval_summary[key].get(n) for n in names], name=label, marker_color=colour)
-    fig.add_hline(y=eval_summary["easy"], line_dash="dot", line_color=EASY,
-                  annotation_text=f"easy mean {eval_summary['easy']:.1f}")
-    fig.add_hline(y=eval_summary["hard"], line_dash="dot", line_color=HARD,
-                  annotation_text=f"hard mean {eval_summary['hard']:.1f}", annotation_position="bottom right")
+    for per, label, colour in ((scores.per_dataset_easy, "easy", EASY),
+                               (scores.per_dataset_hard, "hard (multi-hop)", HARD)):
+        fig.add_bar(x=names, y=[per.get(n) for n in names], name=label, marker_color=colour)
+    fig.add_hline(y=scores.easy, line_dash="dot", line_color=EASY, annotation_text=f"easy mean {scores.easy:.1f}")
+    fig.add_hline(y=scores.hard, line_dash="dot", line_color=HARD,
+                  annotation_text=f"hard mean {scores.hard:.1f}", annotation_position="bottom right")
     fig.update_layout(title=title, barmode="group", yaxis_title="score (%)", yaxis_range=[0, 105],
                       legend_orientation="h", template="plotly_white")
     return fig
@@ -51,21 +51,6 @@ def description_accuracy(acc: dict[str, float], gate: float = 0.95,
     fig.update_layout(title=title, yaxis_range=[0, 1.02], yaxis_title="accuracy", template="plotly_white")
     return fig
 
-
-
-def visual_array(visual):
-    """A world visual as one RGB array (video frames side by side, 4-px gaps)."""
-    import numpy as np
-
-    ims = to_pil(visual)
-    ims = ims if isinstance(ims, list) else [ims]
-    h = max(im.height for im in ims)
-    parts = []
-    for im in ims:
-        a = np.asarray(im.convert("RGB"))
-        parts += [np.pad(a, ((0, h - a.shape[0]), (0, 0), (0, 0)), constant_values=255),
-                  np.full((h, 4, 3), 255, dtype=np.uint8)]
-    return np.concatenate(parts[:-1], axis=1)
 
 
 def item_figure(scores, max_candidates: int = 12) -> go.Figure:

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import plotly.graph_objects as go
 
+from ..summary import GateSummary, ModeScores, SelectionSummary
 from .export import EASY, HARD
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,12 @@ def worker_gains(gains: list[dict], chosen: list[dict]) -> go.Figure:
     return fig
 
 
-def modes_easy_hard(evals: dict) -> go.Figure:
-    """Overall / easy / hard score of every inference mode (from summary.json's ``eval``)."""
+def modes_easy_hard(evals: dict[str, ModeScores]) -> go.Figure:
+    """Overall / easy / hard score of every inference mode (``Summary.eval``)."""
     modes = [m for m in MODE_ORDER if m in evals]
     fig = go.Figure()
     for key, colour in (("overall", "#888888"), ("easy", EASY), ("hard", HARD)):
-        fig.add_bar(x=modes, y=[evals[m][key] for m in modes], name=key, marker_color=colour)
+        fig.add_bar(x=modes, y=[getattr(evals[m], key) for m in modes], name=key, marker_color=colour)
     fig.update_layout(title="Inference modes: easy vs hard items", barmode="group", yaxis_title="score (%)",
                       yaxis_range=[0, 105], template="plotly_white")
     return fig
@@ -143,26 +144,26 @@ PAPER_INVOCATION = 0.74
 """The invocation rate at which the paper reports its best accuracy/latency trade-off (a reference line)."""
 
 
-def gate_invocation(adaptive: dict, gate: dict) -> go.Figure:
+def gate_invocation(adaptive: ModeScores, gate: GateSummary) -> go.Figure:
     """Where the gate opens on the evaluation queries: per dataset (easy vs hard items) and per meta-task."""
     from plotly.subplots import make_subplots
 
-    per = gate["invocation_per_dataset"]
+    per = gate.invocation_per_dataset
     names = list(per)
-    metas = adaptive.get("invocation_rate_per_meta_task", {})
+    metas = adaptive.invocation_rate_per_meta_task or {}
     fig = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35], subplot_titles=("per dataset", "per meta-task"))
     for key, label, colour in (("easy", "easy items", EASY), ("hard", "hard items", HARD)):
         fig.add_bar(x=names, y=[per[n][key] for n in names], name=label, marker_color=colour, row=1, col=1)
     fig.add_bar(x=list(metas), y=list(metas.values()), name="all items", marker_color="#888888", row=1, col=2)
-    fig.add_hline(y=adaptive["invocation_rate"], line_dash="dot", line_color="#888888", row=1, col=1,
-                  annotation_text=f"overall {adaptive['invocation_rate']:.2f} (threshold {gate['threshold']})")
+    fig.add_hline(y=adaptive.invocation_rate, line_dash="dot", line_color="#888888", row=1, col=1,
+                  annotation_text=f"overall {adaptive.invocation_rate:.2f} (threshold {gate.threshold})")
     fig.update_yaxes(title_text="invocation rate", range=[0, 1.05])
     fig.update_layout(title="Where the gate invokes reasoning (evaluation queries)", barmode="group",
                       legend_orientation="h", template="plotly_white")
     return fig
 
 
-def reasoning_headroom(stage0: dict, selection: dict, gate: dict | None = None) -> go.Figure:
+def reasoning_headroom(stage0: ModeScores, selection: SelectionSummary, gate: GateSummary | None = None) -> go.Figure:
     """Where reasoning can help this model, per dataset, on hard items.
 
     Left: the stage-0 model's score on hard items directly and with the world's gold rationale in the span,
@@ -173,25 +174,25 @@ def reasoning_headroom(stage0: dict, selection: dict, gate: dict | None = None) 
     that follows the reward stays shut: the limit is the model's reading, not the rule."""
     from plotly.subplots import make_subplots
 
-    gold = selection["gold_rationale_hard_per_dataset"]
+    gold = selection.gold_rationale_hard_per_dataset
     names = list(gold["direct"])
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45],
                         subplot_titles=("stage-0 score on hard items", "share of hard items given reasoning"))
     fig.add_bar(x=names, y=[gold["direct"][n] for n in names], name="direct", marker_color=HARD, row=1, col=1)
     fig.add_bar(x=names, y=[gold["gold"][n] for n in names], name="with the gold rationale",
                 marker_color="#54A24B", row=1, col=1)
-    fig.add_scatter(x=names, y=[stage0["per_dataset_easy"].get(n) for n in names], mode="markers",
+    fig.add_scatter(x=names, y=[stage0.per_dataset_easy.get(n) for n in names], mode="markers",
                     marker={"symbol": "line-ew-open", "size": 26, "color": EASY, "line": {"width": 3}},
                     name="direct, easy items", row=1, col=1)
-    kept = selection["no_reasoning_rate_hard_per_dataset"]
+    kept = selection.no_reasoning_rate_hard_per_dataset
     fig.add_bar(x=names, y=[1 - kept[n] if n in kept else None for n in names], name="selection kept a rationale",
                 marker_color="#B279A2", row=1, col=2)
-    solved = selection.get("solved_directly_rate_hard_per_dataset")
+    solved = selection.solved_directly_rate_hard_per_dataset
     if solved:
         fig.add_bar(x=names, y=[solved.get(n) for n in names], name="solved directly (no rationale can gain tau)",
                     marker_color=EASY, opacity=0.6, row=1, col=2)
     if gate:
-        per = gate["invocation_per_dataset"]
+        per = gate.invocation_per_dataset
         fig.add_bar(x=names, y=[per[n]["hard"] if n in per else None for n in names], name="gate opens (eval)",
                     marker_color="#888888", row=1, col=2)
     fig.update_yaxes(title_text="score (%)", range=[0, 105], row=1, col=1)
@@ -202,10 +203,10 @@ def reasoning_headroom(stage0: dict, selection: dict, gate: dict | None = None) 
 
 
 def gate_curve(curve: list[dict], chosen: float | None = None, val_curve: list[dict] | None = None,
-               modes: dict | None = None) -> go.Figure:
+               modes: dict[str, ModeScores] | None = None) -> go.Figure:
     """Threshold sweep: accuracy against invocation rate and against latency, paper optimum marked; with
     ``val_curve``, the validation split's overall score beside the evaluation's, and ``chosen`` (the threshold
-    picked on validation) ringed on the evaluation curve. ``modes`` (summary.json's ``eval``) adds the fixed
+    picked on validation) ringed on the evaluation curve. ``modes`` (``Summary.eval``) adds the fixed
     modes, the trained baselines, the stage-1 gate and the oracle as points (their latency is timed at batch
     size 1 in one interleaved loop, the sweep's on a per-dataset sample: the same machine, another sample)."""
     from plotly.subplots import make_subplots
@@ -235,11 +236,11 @@ def gate_curve(curve: list[dict], chosen: float | None = None, val_curve: list[d
         if not m:
             continue
         inv = {"direct": 0.0, "baseline_direct": 0.0, "always": 1.0, "baseline_always": 1.0}.get(
-            name, m.get("invocation_rate", m.get("reasoned_share", m.get("reasoning_share"))))
+            name, m.invocation_rate if m.invocation_rate is not None else m.get("reasoned_share"))
         style = {"mode": "markers", "legendgroup": name, "marker": {"symbol": symbol, "size": 11, "color": "black"}}
         if inv is not None:
-            fig.add_scatter(x=[inv], y=[m["overall"]], name=name, row=1, col=1, **style)
-        fig.add_scatter(x=[m["latency_ms_per_query"]], y=[m["overall"]], name=name, row=1, col=2,
+            fig.add_scatter(x=[inv], y=[m.overall], name=name, row=1, col=1, **style)
+        fig.add_scatter(x=[m.latency_ms_per_query], y=[m.overall], name=name, row=1, col=2,
                         showlegend=inv is None, **style)
     fig.add_vline(x=PAPER_INVOCATION, line_dash="dash", line_color="black", row=1, col=1,
                   annotation_text="paper's best rate (~74%, its model)", annotation_position="bottom left",

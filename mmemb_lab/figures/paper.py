@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import plotly.graph_objects as go
 
-from ..backbone import load_backbone
-from ..train import read_metrics
+from ..model.backbone import load_backbone
+from ..summary import Summary
+from ..train.loop import read_metrics
 from ..world.tasks import make_item
 from .attribution import patch_figure, token_figure
 from .basic import easy_hard_by_dataset
@@ -45,16 +47,16 @@ OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "
 """Colour-blind-safe palette (Okabe and Ito) for traces that set no colour of their own in print."""
 
 
-def attribution_examples(run: Path, summary: dict, n_steps: int = 32) -> dict[str, go.Figure]:
+def attribution_examples(run: Path, summary: Summary, n_steps: int = 32) -> dict[str, go.Figure]:
     """Which words of a gold rationale and which patches of the query image the match rests on, for the first
-    hard ``toy_qa`` evaluation item of the run's world, on the run's stage-1 model (``mmemb_lab.attribution``);
+    hard ``toy_qa`` evaluation item of the run's world, on the run's stage-1 model (``mmemb_lab.eval.attribution``);
     empty when the run has no stage-1 model."""
-    from ..attribution import explain_item  # captum: imported when drawn
+    from ..eval.attribution import explain_item  # captum: imported when drawn
 
     model = run / "stage1" / "selected" / "model"
     if not (model / "mmemb_backbone.json").is_file():
         return {}
-    cfg = summary["world"]["config"]
+    cfg = summary.world["config"]
     item = next(it for it in (make_item("toy_qa", cfg["seed"], "eval", i, cfg["hard_fraction"]) for i in range(10_000))
                 if it.needs_reasoning)
     tokens, patches = explain_item(load_backbone(model), item, n_steps=n_steps)
@@ -65,32 +67,23 @@ def attribution_examples(run: Path, summary: dict, n_steps: int = 32) -> dict[st
     return out
 
 
-def paper_figures(run: str | Path, attribution: bool = True) -> dict[str, go.Figure]:
-    """Every method figure a demo run supports, rebuilt from ``<run>/summary.json``, the selection's and
-    stage 1's files (never from typed numbers), in print style; with ``attribution``, the attribution
-    examples computed on the run's stage-1 model (:func:`attribution_examples`, seconds on a CPU). Raises
-    FileNotFoundError naming the file when ``run`` is not a finished demo run."""
-    import json
-
-
+def run_figures(run: str | Path, s: Summary) -> dict[str, go.Figure]:
+    """Every method figure a demo run supports, from its summary and the selection's and stage 1's files
+    (never from typed numbers): what the demo writes to ``<run>/figures`` besides its stages' own figures."""
     run = Path(run)
-    path = run / "summary.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: not a finished demo run (make demo OUT={run} writes it)")
-    s = json.loads(path.read_text())
-    ev = s["eval"]
+    ev = s.eval
     figs = {"direct_easy_vs_hard": easy_hard_by_dataset(ev["direct"])}
     if len([m for m in MODE_ORDER if m in ev]) > 1:
         figs["modes_easy_hard"] = modes_easy_hard(ev)
-    if "selection" in s and "stage0_direct" in ev:
-        figs["reasoning_headroom"] = reasoning_headroom(ev["stage0_direct"], s["selection"], s.get("gate"))
-    if "gate" in s:
-        choice = s["gate"].get("threshold_choice", {}).get("stage2", {})
-        figs["gate_curve"] = gate_curve(s["gate"]["curve"], s["gate"]["threshold"], choice.get("curve"), ev)
+    if s.selection is not None and "stage0_direct" in ev:
+        figs["reasoning_headroom"] = reasoning_headroom(ev["stage0_direct"], s.selection, s.gate)
+    if s.gate is not None:
+        choice = s.gate.threshold_choice.get("stage2", {})
+        figs["gate_curve"] = gate_curve(s.gate.curve, s.gate.threshold, choice.get("curve"), ev)
         if "adaptive" in ev:
-            figs["gate_invocation"] = gate_invocation(ev["adaptive"], s["gate"])
-    if "stage2" in s:
-        figs["rl_curves"] = rl_curves(s["stage2"]["reward_during_rl"], s["stage2"]["invocation_during_rl"])
+            figs["gate_invocation"] = gate_invocation(ev["adaptive"], s.gate)
+    if s.stage2 is not None:
+        figs["rl_curves"] = rl_curves(s.stage2.reward_during_rl, s.stage2.invocation_during_rl)
     sel = run / "selection"
     if (sel / "gains.jsonl").is_file() and (sel / "stage1_set.jsonl").is_file():
         read = lambda f: [json.loads(line) for line in (sel / f).read_text().splitlines() if line]  # noqa: E731
@@ -99,6 +92,19 @@ def paper_figures(run: str | Path, attribution: bool = True) -> dict[str, go.Fig
             if (run / "stage1" / a / "train" / "metrics.jsonl").is_file()}
     if arms:
         figs["stage1_curves"] = stage1_curves(arms)
+    return figs
+
+
+def paper_figures(run: str | Path, attribution: bool = True) -> dict[str, go.Figure]:
+    """:func:`run_figures` of a finished demo run, in print style; with ``attribution``, the attribution
+    examples computed on the run's stage-1 model (:func:`attribution_examples`, seconds on a CPU). Raises
+    FileNotFoundError naming the file when ``run`` is not a finished demo run."""
+    run = Path(run)
+    path = run / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a finished demo run (make demo OUT={run} writes it)")
+    s = Summary.load(path)
+    figs = run_figures(run, s)
     if attribution:
         figs.update(attribution_examples(run, s))
     return {name: print_style(fig) for name, fig in figs.items()}

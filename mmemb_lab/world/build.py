@@ -256,7 +256,7 @@ def build_world(root: str | Path, cfg: WorldConfig = WorldConfig(), progress: bo
 
 def toy_registry(info: dict):
     """The world's datasets as ``registry.DatasetInfo`` (for the MMEB-style aggregation)."""
-    from ..registry import DatasetInfo
+    from ..data import DatasetInfo
 
     return {name: DatasetInfo(name, d["modality"], d["meta_task"], d["metric"], d["eval_type"], "toy-world",
                               "") for name, d in info["datasets"].items()}

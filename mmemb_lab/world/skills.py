@@ -11,7 +11,7 @@ Concept
     committed checkpoint has it in the span form). Which chains pay off and when to write one are the later
     stages' job.
 
-Used by: ``mmemb_lab.foundation`` (stage 0) and the tokenizer corpus.
+Used by: ``mmemb_lab.train.foundation`` (stage 0) and the tokenizer corpus.
 """
 
 from __future__ import annotations
