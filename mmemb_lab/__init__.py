@@ -17,7 +17,7 @@ The package follows the pipeline a reader follows; each sub-package imports only
 
 Beside them: ``data`` (records to inputs, MMEB schemas), ``runs`` (run identity, atomic writes), ``distributed``,
 ``paths``, ``presets``, ``pipeline`` (stages with manifests), ``demo``, ``embedder`` (``mmemb_lab.Embedder``),
-``cli``, ``bench`` and ``gpu_check``.
+``cli`` (the parser) and ``commands`` (what each command does), ``bench`` and ``gpu_check``.
 """
 
 __version__ = "0.1.0"

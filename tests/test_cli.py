@@ -8,7 +8,7 @@ import pytest
 
 from mmemb_lab.cli import main, parser
 
-COMMANDS = ["world", "foundation", "train", "evaluate", "demo", "run", "select", "stage1", "stage2", "figures", "bench", "gpu-check",
+COMMANDS = ["world", "foundation", "train", "evaluate", "demo", "run", "rationales", "select", "stage1", "stage2", "figures", "bench", "gpu-check",
             "datasets", "data", "benchmark"]
 
 

@@ -1,6 +1,7 @@
 """One entry point from one process to many: `torchrun -m mmemb_lab train` on 2 CPU processes (gloo)
 ends with the same weights as `python -m mmemb_lab train` on 1 process with the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,23 @@ def test_stage1_in_two_processes_matches_one(make_backbone, tmp_path):
         assert _losses(one) == pytest.approx(_losses(two), rel=1e-5), chunk
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4, chunk
 
+
+
+def test_grpo_in_two_processes_moves_the_gate_as_one(make_backbone, tmp_path):
+    """GRPO (trl) under 2 gloo processes of 1 prompt each, against 1 process of 2 prompts, with a reward that
+    pays for opening the span: both run every step and both raise the gate's mean p_open. Sampling differs
+    between the two layouts (each rank draws its own completions), so the direction is compared, not the
+    weights."""
+    make_backbone(seed=12).save(tmp_path / "init")
+    worker = str(Path(__file__).with_name("grpo_worker.py"))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    _run([sys.executable, worker, str(tmp_path / "init"), str(tmp_path / "one"), "--prompts", "2"], tmp_path)
+    _run([torchrun, "--nproc-per-node", "2", "--master-port", "29571", worker, str(tmp_path / "init"),
+          str(tmp_path / "two"), "--prompts", "1"], tmp_path)
+    one, two = (json.loads((tmp_path / k / "result.json").read_text()) for k in ("one", "two"))
+    assert one["steps"] == two["steps"] == 4 and one["before"] == pytest.approx(two["before"])
+    for r in (one, two):
+        assert r["after"] > r["before"] + 0.1, (one, two)
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 # each file in configs/ is exercised by a test: ddp.yaml here, the recipes in tests/test_pipeline.py (each loads

@@ -78,11 +78,11 @@ def test_resumable_generation_with_a_tiny_hf_worker(make_backbone, tmp_path):
     rows = [(f"qa-{i}", item_query(make_item("toy_qa", 0, "train", i, 0.5))) for i in range(10)]
     calls = {"n": 0}
 
-    def dies_on_second_shard(inputs):
+    def dies_on_second_shard(inputs, seed):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt("killed")
-        return worker(inputs)
+        return worker(inputs, seed=seed)
     with pytest.raises(KeyboardInterrupt):
         generate_candidates(dies_on_second_shard, rows, tmp_path / "cand", {"spec": "tiny"}, shard_size=4,
                             progress=False)

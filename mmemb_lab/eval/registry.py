@@ -35,8 +35,10 @@ from __future__ import annotations
 from typing import Callable
 
 from ..data import DatasetInfo
+from ..world.tasks import DATASETS as TOY_DATASETS
 
 __all__ = [
+    "dataset_rows",
     "DatasetInfo",
     "MMEB_V2",
     "META_TASKS",
@@ -194,3 +196,13 @@ def benchmark(name: str) -> dict[str, DatasetInfo]:
     except KeyError:
         raise KeyError(f"unknown benchmark {name!r}; known: {sorted(_BENCHMARKS)}") from None
     return dict(fn())
+
+
+def dataset_rows(name: str) -> list[dict]:
+    """What ``mmemb-lab datasets`` lists: one row per dataset of benchmark ``name`` or of the toy world."""
+    if name == "toy":
+        return [{"name": n, "modality": m, "meta_task": t, "metric": "ndcg@5" if m == "visdoc" else "hit@1",
+                 "eval_type": e} for n, (_, m, t, e) in TOY_DATASETS.items()]
+    return [{"name": d.name, "modality": d.modality, "meta_task": d.meta_task, "metric": d.metric,
+             "eval_type": d.eval_type, "hf_source": d.hf_source, "instruction": d.instruction}
+            for d in benchmark(name).values()]

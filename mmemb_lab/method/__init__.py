@@ -2,7 +2,8 @@
 
 ``reasoning`` (reasoning as a latent variable), ``workers`` and ``http_worker`` (candidate rationales: simulated,
 any Hugging Face VLM, an OpenAI-compatible server), ``counterfactual`` and ``selection`` (keep a rationale only
-where it helps its pair), ``stage1`` (contrastive plus rationale generation) and ``diagnostics`` (does the embedding
+where it helps its pair), ``rationales`` (both on a real training set: the ``rationales`` and ``select
+--rationales`` commands), ``stage1`` (contrastive plus rationale generation) and ``diagnostics`` (does the embedding
 use what a rationale says), ``rewards``, ``rl_data``, ``rl_decision`` and ``rl`` (GRPO), ``gate`` (the threshold,
 chosen on validation), ``stage2`` (RL teaches the gate when reasoning pays), ``shortcut`` (a stage-1 ablation:
 gold against format-only rationales).

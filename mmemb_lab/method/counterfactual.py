@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,12 +27,36 @@ TAU = math.log(2)
 
 @dataclass(frozen=True)
 class Pair:
-    """A query with its positive, its negatives and its candidate rationales (one per worker)."""
+    """A query with its positive, its negatives and its candidate rationales (one per worker).
 
-    item: Item
+    A toy pair carries its world ``item`` (the query is rendered from it, and its gold facts score the
+    selection); a pair of real data has ``item=None`` and gives its query, id and dataset instead."""
+
+    item: Item | None
     positive: Input
     negatives: list[Input]
     rationales: list[Rationale]
+    query_input: Input | None = None
+    pair_id: str = ""
+    dataset_name: str = ""
+
+    def __post_init__(self):
+        if self.item is None and (self.query_input is None or not self.pair_id or not self.dataset_name):
+            raise ValueError("a pair without a world item needs query_input, pair_id and dataset_name")
+
+    @property
+    def id(self) -> str:
+        return self.item.item_id if self.item is not None else self.pair_id
+
+    @property
+    def dataset(self) -> str:
+        return self.item.dataset if self.item is not None else self.dataset_name
+
+    def query(self, rationale: str | None = None) -> Input:
+        """The query as the embedder reads it, with ``rationale`` in its reasoning span when given."""
+        if self.item is not None:
+            return item_query(self.item, rationale)
+        return replace(self.query_input, rationale=rationale)
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,7 @@ class GainTable:
     item_ids: list[str]
     datasets: list[str]
     needs_reasoning: np.ndarray
+    """(n,) the world's hard flag (ground truth; False for real pairs, where none exists)."""
     workers: list[str]
     texts: list[list[str]]
     valid: np.ndarray
@@ -111,7 +136,7 @@ def swap_partners(datasets: Sequence[str], targets: Sequence | None = None) -> n
 
 def pair_partners(pairs: Sequence[Pair]) -> np.ndarray:
     """``swap_partners`` of training pairs: same dataset, another positive target."""
-    return swap_partners([p.item.dataset for p in pairs], [_target_key(p.positive) for p in pairs])
+    return swap_partners([p.dataset for p in pairs], [target_key(p.positive) for p in pairs])
 
 
 def toy_pairs(items: Sequence[Item], rationales: Sequence[list[Rationale]], pool_negatives: int = 15,
@@ -151,13 +176,13 @@ def score_pairs(evaluator: Backbone | Callable[[list[Input]], torch.Tensor], pai
         evaluator = lambda xs: embed(bb, xs, batch_size=batch_size, progress=progress)  # noqa: E731
     workers = [r.worker for r in pairs[0].rationales]
     n, k = len(pairs), len(workers)
-    datasets = [p.item.dataset for p in pairs]
+    datasets = [p.dataset for p in pairs]
     # targets: each distinct one embedded once; per pair, the rows of its positive and negatives
     tkeys, tinputs, rows = {}, [], []
     for p in pairs:
         r = []
         for x in [p.positive] + p.negatives:
-            key = _target_key(x)
+            key = target_key(x)
             if key not in tkeys:
                 tkeys[key] = len(tinputs)
                 tinputs.append(x)
@@ -170,16 +195,16 @@ def score_pairs(evaluator: Backbone | Callable[[list[Input]], torch.Tensor], pai
     idx_direct, idx_with, idx_swap = np.zeros(n, int), np.full((n, k), -1), np.full((n, k), -1)
     for i, p in enumerate(pairs):
         idx_direct[i] = len(qinputs)
-        qinputs.append(item_query(p.item))
+        qinputs.append(p.query())
         for j, r in enumerate(p.rationales):
             if r.status == "ok":
                 idx_with[i, j] = len(qinputs)
-                qinputs.append(item_query(p.item, r.text))
+                qinputs.append(p.query(r.text))
             if partner[i] >= 0:
                 s = pairs[partner[i]].rationales[j]
                 if s.status == "ok":
                     idx_swap[i, j] = len(qinputs)
-                    qinputs.append(item_query(p.item, s.text))
+                    qinputs.append(p.query(s.text))
     q_emb = evaluator(qinputs)
 
     def conf(qi: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,12 +225,13 @@ def score_pairs(evaluator: Backbone | Callable[[list[Input]], torch.Tensor], pai
         lpw[i], csw[i] = conf(idx_with[i], i)
         lps[i], css[i] = conf(idx_swap[i], i)
     valid = np.array([[r.status == "ok" for r in p.rationales] for p in pairs])
-    correct = np.array([[r.status == "ok" and states_gold_facts(r.text, p.item) for r in p.rationales]
-                        for p in pairs])
-    step_acc = np.array([[step_accuracy(r.text, p.item) if r.status == "ok" else 0.0 for r in p.rationales]
-                         for p in pairs])
-    return GainTable([p.item.item_id for p in pairs], datasets,
-                     np.array([bool(p.item.needs_reasoning) for p in pairs]), workers,
+    # ground truth exists in the toy world only; real pairs read False / 0 (never used to select)
+    correct = np.array([[r.status == "ok" and p.item is not None and states_gold_facts(r.text, p.item)
+                         for r in p.rationales] for p in pairs])
+    step_acc = np.array([[step_accuracy(r.text, p.item) if r.status == "ok" and p.item is not None else 0.0
+                          for r in p.rationales] for p in pairs])
+    return GainTable([p.id for p in pairs], datasets,
+                     np.array([p.item is not None and bool(p.item.needs_reasoning) for p in pairs]), workers,
                      [[r.text for r in p.rationales] for p in pairs], valid, correct,
                      lpd, lpw, lps, csd, csw, css, partner, step_acc)
 
@@ -216,14 +242,14 @@ def score_candidate(evaluator: Backbone, pair: Pair, rationale: str, swap: str |
     :func:`score_pairs` batches. Embeds the direct query, the query with ``rationale``, the query with
     ``swap`` (a rationale written for another query) and the pair's targets in one call of its own,
     sharing nothing with other candidates. Used by ``make bench`` (throughput baseline) and the tests."""
-    q = [item_query(pair.item), item_query(pair.item, rationale)] + ([item_query(pair.item, swap)] if swap else [])
+    q = [pair.query(), pair.query(rationale)] + ([pair.query(swap)] if swap else [])
     e = embed(evaluator, q + [pair.positive] + list(pair.negatives), batch_size=len(q) + 1 + len(pair.negatives))
     qe, pos, neg = e[:len(q)], e[len(q)], e[len(q) + 1:]
     lp = log_prob_positive(qe, pos.expand_as(qe), neg.unsqueeze(0).expand(len(qe), -1, -1), temperature).tolist()
     return lp[1] - lp[0], (lp[1] - lp[2]) if swap else None
 
 
-def _target_key(x: Input) -> str:
+def target_key(x: Input) -> str:
     """Identity of a target: text, or the image's bytes digest (the same object crop is one target)."""
     if x.visual is None:
         return f"t|{x.instruction}|{x.text}"

@@ -291,7 +291,10 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
         temperature=cfg.temperature, beta=cfg.beta, epsilon=cfg.epsilon, num_iterations=cfg.num_iterations,
         loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, generation_kwargs=gen_kwargs,
         activation_checkpointing=cfg.activation_checkpointing, remove_unused_columns=False, report_to="none",
-        save_strategy="no", logging_steps=1, disable_tqdm=not progress, seed=cfg.seed), **cfg.trl_args})
+        save_strategy="no", logging_steps=1, disable_tqdm=not progress, seed=cfg.seed,
+        # trl gathers the batch's images for its logs only on ranks whose prompts have images: a rank with
+        # text-only prompts skips that collective and every rank hangs (2 processes, mixed modalities)
+        log_multimodal=False), **cfg.trl_args})
     if reward_funcs is None:
         reward_funcs = reward_functions(backbone, pairs, cfg.reward, cfg.embed_batch_size,
                                         frozen_embedder=cfg.train == "decision")

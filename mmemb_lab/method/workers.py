@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..distributed import reduce_sum
 from ..model.backbone import THINK_CLOSE, THINK_OPEN, Backbone
 from ..model.embed import Input, collate
 from ..model.inference import MAX_NEW_TOKENS
@@ -274,13 +275,15 @@ class GenerationReport:
     status_counts: dict = field(default_factory=dict)
 
 
-def generate_candidates(worker: Callable[[Sequence[Input]], list[Rationale]], rows: Sequence[tuple[str, Input]],
+def generate_candidates(worker: Callable[..., list[Rationale]], rows: Sequence[tuple[str, Input]],
                         out_dir: str | Path, provenance: dict, shard_size: int = 64, progress: bool = True,
-                        ) -> GenerationReport:
-    """Run ``worker`` over (row_id, input) pairs in shards; finished shards are skipped on restart.
+                        seed: int = 0, rank: int = 0, world_size: int = 1) -> GenerationReport:
+    """Run ``worker(inputs, seed=...)`` over (row_id, input) pairs in shards; finished shards are skipped.
 
     Each shard is a ``datasets`` folder written under a temporary name and renamed when complete, so a
-    killed job leaves only whole shards; rerunning it finishes with every row exactly once.
+    killed job leaves only whole shards; rerunning it finishes with every row exactly once. Shard ``k`` is
+    written by rank ``k mod world_size`` with the seed ``seed + k * shard_size`` (the same in any number of
+    processes); every rank waits for the others, then reads the whole set.
     Columns: row_id, worker, rationale, status, n_tokens, provenance (JSON: prompt, sampling...).
     """
     from datasets import Dataset
@@ -291,13 +294,13 @@ def generate_candidates(worker: Callable[[Sequence[Input]], list[Rationale]], ro
     n_shards = math.ceil(len(rows) / shard_size)
     done = skipped = 0
     prov = json.dumps(provenance, sort_keys=True)
-    for k in tqdm(range(n_shards), desc="rationales", disable=not progress):
+    for k in tqdm(range(rank, n_shards, world_size), desc="rationales", disable=not progress):
         path = out / f"shard-{k:05d}"
         if path.exists():
             skipped += 1
             continue
         part = rows[k * shard_size:(k + 1) * shard_size]
-        rats = worker([x for _, x in part])
+        rats = worker([x for _, x in part], seed=seed + k * shard_size)
         data = {"row_id": [r for r, _ in part], "worker": [r.worker for r in rats],
                 "rationale": [r.text for r in rats], "status": [r.status for r in rats],
                 "n_tokens": [r.n_tokens for r in rats], "provenance": [prov] * len(part)}
@@ -306,6 +309,7 @@ def generate_candidates(worker: Callable[[Sequence[Input]], list[Rationale]], ro
         Dataset.from_dict(data).save_to_disk(str(tmp))
         os.replace(tmp, path)
         done += 1
+    done, skipped = int(reduce_sum(done)), int(reduce_sum(skipped))
     ds = load_candidates(out)
     counts: dict[str, int] = {}
     for s in ds["status"]:

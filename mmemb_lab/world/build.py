@@ -30,7 +30,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import eval_split_dir, to_pil
+from ..data import DataError, eval_split_dir, to_pil
 from .scenes import Obj, Page, Scene, Video, random_page, random_video
 from .tasks import DATASETS, HARD_FRACTION, Item, item_rng, make_item, relevant
 
@@ -254,6 +254,20 @@ def build_world(root: str | Path, cfg: WorldConfig = WorldConfig(), progress: bo
     return info
 
 
+def read_world_info(root: str | Path, flag: str = "world") -> dict:
+    """A world's ``world.json``, or a ``DataError`` naming the folder or file and the way out."""
+    path = Path(root) / "world.json"
+    if not Path(root).is_dir():
+        raise DataError(f"{flag} {root}: no such folder (make one with `mmemb-lab world --out {root}`)")
+    if not path.exists():
+        raise DataError(f"{flag} {root}: not a toy world (no world.json; make one with `mmemb-lab world`)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: truncated or corrupt ({e}); regenerate the world with "
+                        f"`mmemb-lab world --out {root} --overwrite`") from e
+
+
 def toy_registry(info: dict):
     """The world's datasets as ``registry.DatasetInfo`` (for the MMEB-style aggregation)."""
     from ..data import DatasetInfo
@@ -262,4 +276,4 @@ def toy_registry(info: dict):
                               "") for name, d in info["datasets"].items()}
 
 
-__all__ = ["WorldConfig", "build_world", "toy_registry", "Page", "Scene"]
+__all__ = ["WorldConfig", "build_world", "read_world_info", "toy_registry", "Page", "Scene"]

@@ -230,8 +230,12 @@ def load_visdoc_eval(path: str | Path, info: DatasetInfo, *, strict: bool = Fals
 
 
 def load_train_rows(path: str | Path, image_root: str | Path, name: str, split: str = "original",
-                    strict: bool = False) -> list[tuple[Input, Input, Input | None]]:
-    """MMEB-train rows -> (query, positive, negative or None) triples; visuals lazy (see :func:`resolve`)."""
+                    strict: bool = False, problems: list[str] | None = None
+                    ) -> list[tuple[Input, Input, Input | None]]:
+    """MMEB-train rows -> (query, positive, negative or None) triples; visuals lazy (see :func:`resolve`).
+
+    A bad row (missing image, empty text) raises in ``strict`` mode, else is skipped and its message
+    appended to ``problems`` when given."""
     rows = read_rows(path, split=split)
     _check_columns(rows, TRAIN_COLUMNS, f"{name} ({path})")
     root, skip, out = Path(image_root), _Skipper(strict), []
@@ -253,6 +257,8 @@ def load_train_rows(path: str | Path, image_root: str | Path, name: str, split: 
             skip(e)
             continue
         out.append((q, p, n))
+    if problems is not None:
+        problems.extend(skip.problems)
     return out
 
 

@@ -1,0 +1,146 @@
+"""`mmemb-lab rationales` on an MMEB-train-layout fixture with a tiny Qwen3-VL worker: bad rows named and
+skipped, a manifest per worker, a rerun that skips every shard, a changed prompt refused, and two processes
+(torchrun, gloo) writing the same rationales as one."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mmemb_lab import cli
+from mmemb_lab.method.counterfactual import TAU
+from mmemb_lab.method.workers import load_candidates
+from mmemb_lab.runs import Manifest
+
+GOOD = [0, 1, 3, 5, 6]
+
+
+def _train_fixture(root: Path) -> Path:
+    """VOC2007 in MMEB-train's layout (``<subset>/original-*.parquet``, images under ``images/<subset>``):
+    row 2 names an image that is not there, row 4 has neither text nor image."""
+    rows = []
+    for i in range(7):
+        img = f"VOC2007/{i}.jpg"
+        if i != 2:
+            (root / "images" / "VOC2007").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (48, 48), (30 * i, 90, 200 - 20 * i)).save(root / "images" / img)
+        qry = "" if i == 4 else f"<|image_1|> Represent the given image for classification {i}"
+        rows.append({"qry": qry, "qry_image_path": "" if i == 4 else img, "pos_text": f"class {i}",
+                     "pos_image_path": "", "neg_text": "", "neg_image_path": ""})
+    (root / "VOC2007").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "VOC2007" / "original-00000-of-00001.parquet")
+    return root / "VOC2007"
+
+
+def _args(subset, ckpt, out, *extra):
+    return ["rationales", "--train", str(subset), "--hf", f"tiny={ckpt}", "--out", str(out), "--shard-size", "2",
+            "--batch-size", "2", "--max-new-tokens", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def setup(make_backbone, tmp_path_factory):
+    base = tmp_path_factory.mktemp("rationales")
+    make_backbone(seed=4).save(base / "vlm")
+    return base, _train_fixture(base / "train"), base / "vlm"
+
+
+def test_rationales_command_on_mmeb_train_layout(setup, capsys):
+    base, subset, ckpt = setup
+    out = base / "one"
+    assert cli.main(_args(subset, ckpt, out)) == 0
+    first = json.loads(capsys.readouterr().out)["tiny"]
+    assert first["rows"] == 5 and first["shards_done"] == 3 and sum(first["status_counts"].values()) == 5
+    ds = load_candidates(out / "tiny")
+    assert sorted(ds["row_id"]) == [f"VOC2007 train row {i}" for i in GOOD]  # each usable row exactly once
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert len(skipped) == 2
+    assert "VOC2007 train row 2: missing image file" in skipped[0] and "VOC2007 train row 4" in skipped[1]
+    m = Manifest.load(out / "tiny")
+    assert m.config["worker"]["checkpoint"] == str(ckpt) and m.config["source"]["split"] == "original"
+    assert m.inputs["data"]  # the table's digest: other data, another folder
+
+    assert cli.main(_args(subset, ckpt, out)) == 0  # a rerun reuses every shard
+    again = json.loads(capsys.readouterr().out)["tiny"]
+    assert again["shards_done"] == 0 and again["shards_skipped"] == 3 and again["rows"] == 5
+
+    assert cli.main(_args(subset, ckpt, out, "--prompt", "Describe the image first.")) == 2  # refused, named
+    assert "prompt" in capsys.readouterr().err
+    assert sorted(load_candidates(out / "tiny")["row_id"]) == sorted(ds["row_id"])  # nothing lost
+
+
+def test_bad_worker_arguments_are_usage_errors(setup, capsys):
+    base, subset, _ = setup
+    assert cli.main(["rationales", "--train", str(subset), "--http", "api=http://x", "--out", str(base / "x")]) == 2
+    assert "NAME=MODEL@URL" in capsys.readouterr().err
+
+
+def test_two_processes_write_what_one_writes(setup, capsys):
+    base, subset, ckpt = setup
+    one = base / "one-b"
+    assert cli.main(_args(subset, ckpt, one)) == 0
+    capsys.readouterr()
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="")
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29541", "-m", "mmemb_lab",
+                        *_args(subset, ckpt, base / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = load_candidates(one / "tiny"), load_candidates(base / "two" / "tiny")
+    as_dict = lambda ds: dict(zip(ds["row_id"], zip(ds["rationale"], ds["status"], ds["n_tokens"])))  # noqa: E731
+    assert as_dict(a) == as_dict(b) and len(as_dict(a)) == 5
+
+
+class _Answers(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint that names the class the query's last word numbers ("class 3")."""
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        n = body["messages"][0]["content"][-1]["text"].split("\n")[0].split()[-1]
+        reply = {"choices": [{"message": {"content": f"<think>it shows class {n}</think>"}, "finish_reason": "stop"}],
+                 "usage": {"completion_tokens": 6}}
+        payload = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def test_select_on_real_rationales_keeps_only_candidates_that_pass(setup, capsys):
+    """`select --rationales` reads the source and the workers from the rationale folders' manifests, scores
+    every candidate against removal and swap with the evaluator, and keeps per pair at most one usable
+    candidate whose swap gain passes tau; a rerun reuses the selection, new candidates make a new one."""
+    base, subset, ckpt = setup
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    cands, sel = base / "cands", base / "sel"
+    try:
+        assert cli.main(_args(subset, ckpt, cands, "--http", f"api=some-model@{url}")) == 0
+    finally:
+        srv.shutdown()
+    capsys.readouterr()
+    assert cli.main(["select", "--rationales", str(cands), "--backbone", str(ckpt), "--out", str(sel)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["pairs"] == 5 and summary["usable_by_worker"]["api"] == 1.0
+    rows = [json.loads(line) for line in (sel / "selected.jsonl").read_text().splitlines()]
+    assert [r["row_id"] for r in rows] == [f"VOC2007 train row {i}" for i in GOOD]
+    api = dict(zip(*(load_candidates(cands / "api")[k] for k in ("row_id", "rationale"))))
+    for r in rows:
+        assert (r["worker"] is None) == (r["rationale"] is None)
+        if r["worker"] is not None:
+            assert r["gain"] > TAU and (r["worker"] != "api" or r["rationale"] == api[r["row_id"]])
+    assert Manifest.load(sel).inputs["rationales/api"] == Manifest.load(cands / "api").digest()
+    assert cli.main(["select", "--rationales", str(cands), "--backbone", str(ckpt), "--out", str(sel)]) == 0
+    assert json.loads(capsys.readouterr().out) == summary  # reused
