@@ -89,10 +89,15 @@ def parser() -> argparse.ArgumentParser:
     for name, helptext in stage_help.items():
         s2 = sub.add_parser(name, help=helptext + "; the stages before it must be done")
         s2.add_argument("--recipe", default=None, help="recipe file (default: the tiny preset, seed 0, runs/demo)")
-    sel = sub.choices["select"]
-    sel.add_argument("--rationales", help="real data: a `rationales` --out folder; --backbone evaluates (no recipe)")
-    sel.add_argument("--backbone", help="the evaluator's checkpoint (default: data/foundation)")
-    sel.add_argument("--overwrite", action="store_true", help="with --rationales: move another selection aside")
+    real = {"select": ("--rationales", "a `rationales` --out folder, scored with --backbone as the evaluator"),
+            "stage1": ("--selected", "a `select --rationales` --out folder; trains --backbone on its pairs"),
+            "stage2": ("--stage1", "a `stage1 --selected` --out folder: GRPO on its model, over its pairs")}
+    for name, (flag, helptext) in real.items():  # the same stage on a real training set (no recipe)
+        s2 = sub.choices[name]
+        s2.add_argument(flag, help=f"real data: {helptext}; --set then sets fields of this stage's config")
+        if name != "stage2":
+            s2.add_argument("--backbone", help="checkpoint (default: data/foundation)")
+        s2.add_argument("--overwrite", action="store_true", help="real data: move a folder made otherwise aside")
     for name in ("run", *stage_help):
         s2 = sub.choices[name]
         s2.add_argument("--preset", default=None, choices=["tiny", "smoke"], help="overrides the recipe's preset")

@@ -131,16 +131,63 @@ def run(a) -> None:
     from .demo import format_summary, run_demo
     from .pipeline import Recipe
 
-    if getattr(a, "rationales", None):  # `select` on a real training set: its rationale folders and an evaluator
-        from .method.rationales import select_rationales
-        return print(json.dumps(select_rationales(a.rationales, _load(a), a.out or "runs/select",
-                                                  seed=a.seed or 0, overwrite=a.overwrite), indent=1))
+    if getattr(a, {"select": "rationales", "stage1": "selected", "stage2": "stage1"}.get(a.command, "-"), None):
+        return _real_stage(a)
+    if getattr(a, "recipe", None) and Path(a.recipe).is_file() and _is_real(a.recipe):
+        return _chain(a)
     r = Recipe.resolve(getattr(a, "recipe", None), a.preset, a.seed, a.out, getattr(a, "set", None))
     only = {"select": "selection"}.get(a.command, a.command) if a.command not in ("run", "demo") else None
     s = run_demo(seed=r.seed, out=r.out, preset=r.preset, foundation=r.foundation, world_dir=r.world,
                  overrides=r.overrides, only=only)
     print(format_summary(s))
     print(f"wrote {Path(r.out) / 'summary.json'} and {Path(r.out) / 'figures'} in {s.wall_s:.0f} s")
+
+
+def _is_real(recipe) -> bool:
+    from .chain import is_real
+
+    return is_real(recipe)
+
+
+def _chain(a) -> None:
+    """``run RECIPE`` for a real recipe (``kind: real``): every stage from rationales to the benchmark."""
+    from . import distributed
+    from .chain import load, run_chain
+
+    if a.command != "run" or a.preset:
+        raise UsageError(f"{a.recipe} is a real-data recipe: run it whole with `mmemb-lab run {a.recipe}` (no "
+                         "--preset); run one stage with `select --rationales`, `stage1 --selected`, `stage2 --stage1`")
+    r = load(a.recipe, a.seed, a.out, a.set)
+    check_writable(r.out)
+    with distributed.init_from_env():
+        res = run_chain(r)
+    if distributed.is_main():
+        print(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=1))
+        print(res["table"])
+
+
+def _real_stage(a) -> None:
+    """``select --rationales``, ``stage1 --selected``, ``stage2 --stage1``: the method on a real training set."""
+    from . import distributed
+    from .method import real_stages
+    from .method.rationales import select_rationales
+    from .method.stage1 import Stage1Config
+    from .method.stage2 import Stage2Config
+    from .pipeline import Recipe, apply_overrides
+
+    sets, out, seed = Recipe().with_overrides(a.set or []).overrides, a.out or f"runs/{a.command}", a.seed or 0
+    check_writable(out)
+    with distributed.init_from_env():
+        if a.command == "select":
+            res = select_rationales(a.rationales, _load(a), out, seed=seed, overwrite=a.overwrite)
+        elif a.command == "stage1":
+            cfg = apply_overrides(Stage1Config(), sets)
+            res = real_stages.run_stage1(a.selected, _load(a), out, cfg, seed, overwrite=a.overwrite)
+        else:
+            cfg = apply_overrides(Stage2Config().rl, sets)
+            res = real_stages.run_stage2(a.stage1, out, cfg, seed, overwrite=a.overwrite)
+    if distributed.is_main():
+        print(json.dumps(res, indent=1))
 
 
 def rationales(a) -> None:

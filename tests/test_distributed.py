@@ -88,8 +88,9 @@ def test_grpo_in_two_processes_moves_the_gate_as_one(make_backbone, tmp_path):
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 # each file in configs/ is exercised by a test: ddp.yaml here, the recipes in tests/test_pipeline.py (each loads
-# and resolves to a config there; the chain runs through the CLI on a smoke recipe of the same form)
-TESTED_CONFIGS = {"accelerate/ddp.yaml", "recipes/tiny.yaml", "recipes/smoke.yaml"}
+# and resolves to a config there; the chain runs through the CLI on a smoke recipe of the same form); paper.yaml
+# in tests/test_rationales.py (the real chain on fixtures under torchrun)
+TESTED_CONFIGS = {"accelerate/ddp.yaml", "recipes/tiny.yaml", "recipes/smoke.yaml", "recipes/paper.yaml"}
 
 
 def test_every_config_file_is_exercised():

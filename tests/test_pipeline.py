@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from mmemb_lab import chain
 from mmemb_lab.cli import main
+from mmemb_lab.method.stage1 import Stage1Config
+from mmemb_lab.method.stage2 import Stage2Config
 from mmemb_lab.pipeline import Recipe, StageNotDone, apply_overrides, run_stage, stage_state
 from mmemb_lab.presets import smoke, tiny
 from mmemb_lab.runs import Manifest, RunError
@@ -32,8 +35,13 @@ def test_overrides_set_nested_fields_and_name_what_is_wrong():
 
 def test_every_recipe_loads_and_names_a_preset(tmp_path):
     recipes = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
-    assert {p.stem for p in recipes} == {"tiny", "smoke"}
+    assert {p.stem for p in recipes} == {"tiny", "smoke", "paper"}
     for p in recipes:
+        if chain.is_real(p):  # the real-data recipe: every stage's settings resolve to its config
+            r = chain.load(p)
+            apply_overrides(Stage1Config(), chain.dotted(r.stage1))
+            apply_overrides(Stage2Config().rl, chain.dotted(r.stage2))
+            continue
         r = Recipe.load(p)
         apply_overrides({"tiny": tiny, "smoke": smoke}[r.preset](r.seed), r.overrides)
     bad = tmp_path / "bad.yaml"

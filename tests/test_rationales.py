@@ -19,6 +19,7 @@ from mmemb_lab import cli
 from mmemb_lab.method.counterfactual import TAU
 from mmemb_lab.method.workers import load_candidates
 from mmemb_lab.runs import Manifest
+from tests.test_mmeb import write_mmeb
 
 GOOD = [0, 1, 3, 5, 6]
 
@@ -144,3 +145,122 @@ def test_select_on_real_rationales_keeps_only_candidates_that_pass(setup, capsys
     assert Manifest.load(sel).inputs["rationales/api"] == Manifest.load(cands / "api").digest()
     assert cli.main(["select", "--rationales", str(cands), "--backbone", str(ckpt), "--out", str(sel)]) == 0
     assert json.loads(capsys.readouterr().out) == summary  # reused
+
+
+def _torchrun(args, port, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="")
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", port, "-m", "mmemb_lab", *args], cwd=cwd,
+                       env=env, capture_output=True, text=True, timeout=600)
+    (Path(cwd) / f"torchrun-{port}.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_the_method_on_real_layouts_through_the_cli(make_backbone, tmp_path, arch, capsys):
+    """Every stage through the CLI on MMEB-layout fixtures with a tiny random model of the real architecture:
+    rationales -> select -> stage 1 (2 processes) -> stage 2 -> the MMEB-V2 benchmark in the adaptive mode
+    (2 processes), each stage reading its upstream from the folder before it; rerunning a stage reuses it."""
+    make_backbone(arch=arch, seed=6).save(tmp_path / "init")
+    subset, init = _train_fixture(tmp_path / "train"), str(tmp_path / "init")
+    data = write_mmeb(tmp_path / "MMEB-V2")
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert cli.main(["rationales", "--train", str(subset), "--hf", f"own={init}", "--http",
+                         f"api=m@http://127.0.0.1:{srv.server_address[1]}/v1", "--max-new-tokens", "4",
+                         "--out", str(tmp_path / "cands")]) == 0
+    finally:
+        srv.shutdown()
+    assert cli.main(["select", "--rationales", str(tmp_path / "cands"), "--backbone", init,
+                     "--out", str(tmp_path / "sel")]) == 0
+    stage1 = ["stage1", "--selected", str(tmp_path / "sel"), "--backbone", init, "--out", str(tmp_path / "s1"),
+              "--set", "loop.steps=2", "--set", "loop.warmup=0", "--set", "loop.ckpt_every=2", "--set", "batch_size=4",
+              "--set", "hard_negatives=2"]
+    _torchrun(stage1, "29581" if arch == "qwen3_vl" else "29582", tmp_path)
+    first = json.loads((tmp_path / "s1" / "result.json").read_text())
+    assert first["steps"] == 2 and first["pairs"] == 5 and Manifest.load(tmp_path / "s1").inputs["select"]
+    capsys.readouterr()
+    stage2 = ["stage2", "--stage1", str(tmp_path / "s1"), "--out", str(tmp_path / "s2"), "--set", "steps=2",
+              "--set", "prompts_per_step=2", "--set", "num_generations=2", "--set", "max_completion_length=4"]
+    assert cli.main(stage2) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["steps"] == 2 and [r["step"] for r in res["invocation"]][0] == 0
+    assert (tmp_path / "s2" / "model").exists()
+    assert cli.main(stage2) == 0 and json.loads(capsys.readouterr().out) == res  # done: reused
+    out = _torchrun(["benchmark", "--benchmark", "mmeb-v2", "--data", str(data), "--backbone",
+                     str(tmp_path / "s2" / "model"), "--mode", "adaptive", "--max-new-tokens", "4", "--chunk-size", "2",
+                     "--datasets", "ImageNet-1K", "MSCOCO_t2i", "--out", str(tmp_path / "bench")],
+                    "29583" if arch == "qwen3_vl" else "29584", tmp_path)
+    table = [ln for ln in out.splitlines() if ln.startswith("| ")]  # the MMEB-V2 table: header, our row, peers
+    assert '"mode": "adaptive"' in out and len(table) >= 2 and "adaptive" in table[1]
+    assert "partial, 2 of 78 datasets" in out
+    for name in ("ImageNet-1K", "MSCOCO_t2i"):
+        score = json.loads((tmp_path / "bench" / "adaptive" / f"{name}_score.json").read_text())
+        assert score["n_queries"] > 0 and 0 <= score["reasoned_share"] <= 1
+
+
+PAPER = Path(__file__).parent.parent / "configs" / "recipes" / "paper.yaml"
+
+
+BOOKKEEPING = {"manifest.json", "skipped.json", "metrics.jsonl", "results.json"}
+"""Rewritten by every run with the same content (the manifest checked, the skip report, the benchmark's summary)."""
+
+
+def _mtimes(folder: Path) -> dict:
+    """When each output file of a stage was written: the same after a rerun = the stage was reused."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")
+            if p.is_file() and p.name not in BOOKKEEPING}
+
+
+def test_the_paper_recipe_on_fixtures_under_torchrun(make_backbone, tmp_path):
+    """configs/recipes/paper.yaml with a tiny random Qwen3-VL (LoRA, merged into stage 1's saved model) and
+    MMEB-layout fixtures, the whole chain under `torchrun --nproc-per-node 2 -m mmemb_lab run`: every stage's
+    folder with its manifest and an MMEB-V2 table for the adaptive mode; a rerun reuses every stage; a changed
+    stage-2 setting reruns stage 2 and the benchmark only."""
+    make_backbone(seed=7).save(tmp_path / "init")
+    _train_fixture(tmp_path / "train")
+    data = write_mmeb(tmp_path / "MMEB-V2")
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    init, out = str(tmp_path / "init"), tmp_path / "run"
+    sets = [f"backbone={init}", f"train.path={tmp_path / 'train'}", "train.datasets=[VOC2007]",
+            f"workers.hf=[own={init}]", f"workers.http=[api=m@http://127.0.0.1:{srv.server_address[1]}/v1]",
+            "workers.max_new_tokens=4", "shard_size=2", "stage1.batch_size=4", "stage1.chunk_size=2",
+            "stage1.loop={steps: 2, lr: 1.0e-3, warmup: 0, ckpt_every: 2}", "stage2.steps=2",
+            "stage2.prompts_per_step=2", "stage2.num_generations=2", "stage2.max_completion_length=4",
+            f"benchmark.data={data}", "benchmark.datasets=[ImageNet-1K, MSCOCO_t2i]", "benchmark.chunk_size=2",
+            "benchmark.max_new_tokens=4"]
+    args = ["run", str(PAPER), "--out", str(out), *[x for s in sets for x in ("--set", s)]]
+    try:
+        printed = _torchrun(args, "29591", tmp_path)
+        for stage in ("rationales/own", "rationales/api", "select", "stage1", "stage2"):
+            assert Manifest.load(out / stage) is not None, stage
+        table = [ln for ln in printed.splitlines() if ln.startswith("| ")]
+        assert len(table) >= 2 and "adaptive" in table[1] and (out / "table.md").read_text().startswith("| ")
+        first = json.loads((out / "results.json").read_text())
+        assert first["stage1"]["steps"] == 2 and first["stage2"]["steps"] == 2
+        assert set(first["benchmark"]["per_dataset"]) == {"ImageNet-1K", "MSCOCO_t2i"}
+        before = {s: _mtimes(out / s) for s in ("rationales", "select", "stage1", "stage2", "benchmark")}
+
+        _torchrun(args, "29592", tmp_path)  # the same recipe again: every stage reused
+        after = {s: _mtimes(out / s) for s in before}
+        assert after == before, {s: sorted(k for k in set(after[s]) | set(before[s]) if after[s].get(k) != before[s].get(k))
+                                 for s in before}
+        second = json.loads((out / "results.json").read_text())
+        assert all(r["shards_done"] == 0 and r["shards_skipped"] == 3 for r in second["rationales"].values())
+        assert all(second[k] == first[k] for k in ("select", "stage1", "stage2"))
+        assert second["benchmark"]["per_dataset"] == first["benchmark"]["per_dataset"]
+
+        _torchrun(args + ["--set", "stage2.steps=3"], "29593", tmp_path)  # stage 2 changed
+        again = json.loads((out / "results.json").read_text())
+        for s in ("rationales", "select", "stage1"):
+            assert _mtimes(out / s) == before[s], s
+        assert again["stage2"]["steps"] == 3 and _mtimes(out / "stage2") != before["stage2"]
+        assert Manifest.load(out / "stage2").config["steps"] == 3
+        assert list(tmp_path.glob("run/stage2.stale-*"))  # the old stage 2 moved aside, never deleted
+        assert _mtimes(out / "benchmark") != before["benchmark"]
+    finally:
+        srv.shutdown()

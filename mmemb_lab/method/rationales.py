@@ -58,15 +58,16 @@ class TrainSource:
     kind: str
     """``"mmeb-train"`` (one subset's table in MMEB-train's layout) or ``"world"`` (a toy world)."""
     path: str
-    """MMEB-train: the subset's folder or table file; world: the world's root folder."""
+    """MMEB-train: one subset's folder or table file, or the root holding the ``datasets`` subsets; world: the
+    world's root folder."""
     images: str = ""
-    """MMEB-train: the folder that image paths are relative to (default: ``<path>/../images``)."""
+    """MMEB-train: the folder that image paths are relative to (default: ``images`` beside the subsets)."""
     subset: str = ""
     """MMEB-train: the subset's name, used in row ids (default: the folder's name)."""
     split: str = "original"
     """MMEB-train: ``original`` or ``diverse_instruction``."""
     datasets: tuple[str, ...] = ()
-    """world: which datasets (default: all)."""
+    """MMEB-train: the subsets under ``path`` (none: ``path`` is one subset); world: which datasets (default: all)."""
     limit: int | None = None
     """Only the first ``limit`` usable rows (a trial run)."""
 
@@ -101,7 +102,13 @@ def source_rows(src: TrainSource) -> SourceRows:
         raise DataError(f"training source {path}: no such file or folder")
     problems: list[str] = []
     rows = [(q.name, q) for q, _, _ in _triples(src, problems)]
-    digest = _tables_digest(path) if src.kind == "mmeb-train" else world_digest(path)
+    if src.kind == "world":
+        digest = world_digest(path)
+    elif src.datasets:  # the subsets' tables only (the image folder is not hashed: too large to read each run)
+        digest = hashlib.sha256(" ".join(f"{d}:{_tables_digest(path / d)}" for d in src.datasets).encode()
+                                ).hexdigest()[:16]
+    else:
+        digest = _tables_digest(path)
     if src.limit is not None:
         rows = rows[:src.limit]
     if not rows:
@@ -113,6 +120,10 @@ def worker_specs(hf: Sequence[str], http: Sequence[str], **common) -> list[Worke
     """Worker specs from the command line: ``NAME=CHECKPOINT`` (Hugging Face) and ``NAME=MODEL@URL``
     (OpenAI-compatible); ``common`` settings (prompt, max_new_tokens, temperature, batch_size) go to each
     worker that has them."""
+    settable = (set(WorkerSpec.__dataclass_fields__) | set(HTTPWorkerSpec.__dataclass_fields__)) - {
+        "name", "checkpoint", "base_url", "model"}
+    if set(common) - settable:
+        raise RunError(f"unknown worker settings {sorted(set(common) - settable)} (known: {sorted(settable)})")
     specs: list[WorkerSpec | HTTPWorkerSpec] = []
     for text, kind in [(t, "hf") for t in hf] + [(t, "http") for t in http]:
         name, sep, target = text.partition("=")
@@ -156,10 +167,12 @@ def run_rationales(source: TrainSource, specs: Sequence[WorkerSpec | HTTPWorkerS
         manifest = Manifest.make("rationales", {"source": source, "worker": spec, "shard_size": shard_size}, seed,
                                  {"data": data.digest})
         with RunFolder(out / spec.name, manifest, overwrite=overwrite):
-            worker = _build(spec)
+            built: dict = {}
 
             def call(inputs, seed):
-                return worker(resolve_all(inputs), seed=seed)
+                if not built:  # loaded only when a shard is left to write: a finished folder costs no model load
+                    built["worker"] = _build(spec)
+                return built["worker"](resolve_all(inputs), seed=seed)
             reports[spec.name] = generate_candidates(
                 call, data.rows, out / spec.name, manifest.to_json(), shard_size=shard_size, seed=seed,
                 rank=distributed.rank(), world_size=distributed.world_size(),
@@ -211,6 +224,10 @@ def real_pairs(rationales_dir: str | Path, pool_negatives: int = 15, seed: int =
 def _triples(src: TrainSource, problems: list[str] | None = None):
     """(query, positive, negative or None) of every usable row; skipped rows' messages go to ``problems``."""
     path = Path(src.path)
+    if src.kind == "mmeb-train" and src.datasets:
+        images = Path(src.images) if src.images else path / "images"
+        return [t for d in src.datasets for t in load_train_rows(path / d, images, d, split=src.split,
+                                                                 problems=problems)]
     if src.kind == "mmeb-train":
         subset = src.subset or (path.stem if path.is_file() else path.name)
         return load_train_rows(path, Path(src.images) if src.images else path.parent / "images", subset,
@@ -227,7 +244,8 @@ def select_rationales(rationales_dir: str | Path, evaluator: Backbone | str, out
     rationales_dir = Path(rationales_dir)
     folders = _worker_folders(rationales_dir)
     bb = load_backbone(evaluator) if isinstance(evaluator, str) else evaluator
-    manifest = Manifest.make("select", {"variant": variant, "tau": tau, "pool_negatives": pool_negatives}, seed,
+    manifest = Manifest.make("select", {"rationales": str(rationales_dir), "variant": variant, "tau": tau,
+                                        "pool_negatives": pool_negatives}, seed,
                              {"evaluator": weights_digest(bb.model),
                               **{f"rationales/{n}": m.digest() for n, m in folders}})
     out = Path(out)

@@ -73,6 +73,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .. import distributed
 from ..model.backbone import EMB_TOKEN, THINK_CLOSE, THINK_OPEN, Backbone
 from ..model.embed import Input
 from ..model.inference import THRESHOLD
@@ -272,7 +273,8 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
         raise ValueError(f"{len(pairs)} training queries for {cfg.prompts_per_step} prompts per step")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=1))
+    if distributed.is_main():  # every rank runs this function; one writes
+        atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=1))
     model = backbone.model
     think, emb = backbone.token_id(THINK_OPEN), backbone.token_id(EMB_TOKEN)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -339,8 +341,9 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     if broken:
         raise FloatingPointError(f"GRPO left non-finite weights in {len(broken)} tensors ({broken[:3]}...); "
                                  f"run config in {out / 'config.json'}")
-    atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    atomic_write_text(out / "invocation.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if distributed.is_main():
+        atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        atomic_write_text(out / "invocation.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     log.info("stage 2: %d GRPO steps in %.0f s; invocation rate %s -> %s", steps, wall,
              records[0]["invocation_rate"] if records else None, records[-1]["invocation_rate"] if records else None)
     return RLResult(history, records, steps, wall)

@@ -53,6 +53,7 @@ from ..train.foundation import load_foundation, positive_and_negatives
 from ..train.loop import LoopConfig, LoopResult, read_metrics, run_loop
 from ..world.build import toy_registry
 from ..world.tasks import Item, make_item
+from .counterfactual import Pair, target_key
 from .diagnostics import rationale_diagnostics
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,24 @@ def load_stage1_set(selection_dir: str | Path, world_seed: int, hard_fraction: f
     return out
 
 
-def make_step_fn(backbone: Backbone, data: list[tuple[Item, str | None]], cfg: Stage1Config, seed: int):
+def _query(x: Item | Pair) -> Input:
+    return x.query() if isinstance(x, Pair) else item_query(x)
+
+
+def _pair_id(x: Item | Pair) -> str:
+    return x.id if isinstance(x, Pair) else x.item_id
+
+
+def _targets(x: Item | Pair, rng: np.random.Generator, k: int) -> tuple[Input, str, list[Input], list[str]]:
+    """Positive, its key, ``k`` negatives and their keys: mined from a toy item, or drawn from a real pair's own
+    negatives (with replacement when it has fewer than ``k``)."""
+    if not isinstance(x, Pair):
+        return positive_and_negatives(x, rng, k)
+    picked = [x.negatives[int(j)] for j in rng.choice(len(x.negatives), k, replace=len(x.negatives) < k)]
+    return x.positive, target_key(x.positive), picked, [target_key(n) for n in picked]
+
+
+def make_step_fn(backbone: Backbone, data: list[tuple[Item | Pair, str | None]], cfg: Stage1Config, seed: int):
     world = max(1, distributed.world_size())
     per_rank = cfg.batch_size // world
 
@@ -237,10 +255,10 @@ def make_step_fn(backbone: Backbone, data: list[tuple[Item, str | None]], cfg: S
         idx = rng.choice(len(data), cfg.batch_size, replace=len(data) < cfg.batch_size)
         # every rank draws the negatives of the whole global batch, in order, and keeps its slice: the rng
         # stream, hence the batch, is the same in 1 process as in N
-        drawn = [positive_and_negatives(data[int(i)][0], rng, cfg.hard_negatives) for i in idx]
+        drawn = [_targets(data[int(i)][0], rng, cfg.hard_negatives) for i in idx]
         lo = distributed.rank() * per_rank
         batch, drawn = [data[int(i)] for i in idx[lo:lo + per_rank]], drawn[lo:lo + per_rank]
-        queries = [item_query(it) for it, _ in batch]
+        queries = [_query(it) for it, _ in batch]
         targets_text = [assistant_target(r) for _, r in batch]
         pos, negs, ids, nids = [], [], [], []
         for p, pid, neg, nid in drawn:
@@ -313,18 +331,19 @@ def _chunked_step(backbone, module, cfg, queries, targets_text, target_inputs, n
             "nce_direct": float(nce_d.loss.detach()), "acc_reasoned": nce_r.accuracy, "acc_direct": nce_d.accuracy}
 
 
-def train_stage1(backbone: Backbone, data: list[tuple[Item, str | None]], out_dir: str | Path,
+def train_stage1(backbone: Backbone, data: list[tuple[Item | Pair, str | None]], out_dir: str | Path,
                  cfg: Stage1Config = Stage1Config(), seed: int = 0, resume: bool = True,
-                 stop_after: int | None = None, stale: str = "raise") -> LoopResult:
-    """Run (or resume) stage 1; the backbone's weights are updated in place. ``stale``: what to do with a
-    checkpoint in ``out_dir`` written by another run ("raise", or "archive": move it aside and start afresh)."""
+                 stop_after: int | None = None, stale: str = "raise", upstream: dict | None = None) -> LoopResult:
+    """Run (or resume) stage 1 on (toy item or real pair, r*) rows; the backbone's weights are updated in place.
+    ``stale``: what to do with a checkpoint in ``out_dir`` written by another run ("raise", or "archive": move
+    it aside and start afresh). ``upstream``: more inputs for the manifest (where the pairs came from)."""
     log.info("stage 1 (%s rationales): %d pairs, %d with reasoning", cfg.rationales, len(data),
              sum(r is not None for _, r in data))
     # a checkpoint may only be resumed by the run that wrote it: same pairs and rationales, config, seed and
     # starting weights (``runs.RunFolder``); "archive" moves another run aside, "raise" refuses
-    pairs = hashlib.sha256(json.dumps([[it.item_id, r] for it, r in data]).encode()).hexdigest()[:16]
+    pairs = hashlib.sha256(json.dumps([[_pair_id(it), r] for it, r in data]).encode()).hexdigest()[:16]
     manifest = Manifest.make("stage1", cfg, seed, {"pairs": pairs, "n_pairs": len(data),
-                                                   "weights": weights_digest(backbone.model)})
+                                                   "weights": weights_digest(backbone.model), **(upstream or {})})
     with RunFolder(out_dir, manifest, overwrite=stale == "archive", resume=resume):
         return run_loop(Stage1Model(backbone.model), make_step_fn(backbone, data, cfg, seed), cfg.loop, out_dir,
                         resume=resume, stop_after=stop_after, desc=f"stage 1 ({cfg.rationales})")
