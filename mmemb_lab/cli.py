@@ -112,6 +112,11 @@ def parser() -> argparse.ArgumentParser:
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--train", help="one MMEB-train subset: its folder or table file (row ids use its name)")
     src.add_argument("--world", help="a toy world folder (its training rows)")
+    src.add_argument("--llavahound", help="LLaVA-Hound's video instruction jsonl (with --frames, --mode)")
+    src.add_argument("--vidore", help="ViDoRe's training set (vidore/colpali_train_set): its parquet folder or file")
+    s.add_argument("--frames", default="", help="llavahound: the folder of frame folders, one per clip")
+    s.add_argument("--mode", default="caption", choices=["caption", "video_retrieval", "qa"],
+                   help="llavahound: which pairs to read from a conversation, as VLM2Vec-V2 does")
     s.add_argument("--images", default="", help="MMEB-train image root (default: <train>/../images)")
     s.add_argument("--split", default="original", choices=["original", "diverse_instruction"])
     s.add_argument("--hf", action="append", metavar="NAME=CHECKPOINT", help="a Hugging Face VLM worker (repeatable)")

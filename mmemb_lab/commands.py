@@ -194,7 +194,9 @@ def rationales(a) -> None:
     from . import distributed
     from .method.rationales import TrainSource, run_rationales, worker_specs
 
-    src = TrainSource("world" if a.world else "mmeb-train", a.world or a.train, a.images, split=a.split, limit=a.limit)
+    kind = next(k for k in ("train", "world", "llavahound", "vidore") if getattr(a, k))
+    src = TrainSource({"train": "mmeb-train"}.get(kind, kind), getattr(a, kind), a.images, split=a.split,
+                      limit=a.limit, frames=a.frames, mode=a.mode)
     specs = worker_specs(a.hf or [], a.http or [], **{k: getattr(a, k) for k in (
         "prompt", "max_new_tokens", "temperature", "batch_size") if getattr(a, k) is not None})
     check_writable(a.out)

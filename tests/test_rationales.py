@@ -2,6 +2,7 @@
 skipped, a manifest per worker, a rerun that skips every shard, a changed prompt refused, and two processes
 (torchrun, gloo) writing the same rationales as one."""
 
+import io
 import json
 import os
 import subprocess
@@ -264,3 +265,64 @@ def test_the_paper_recipe_on_fixtures_under_torchrun(make_backbone, tmp_path):
         assert _mtimes(out / "benchmark") != before["benchmark"]
     finally:
         srv.shutdown()
+
+
+def _llavahound_fixture(root: Path) -> tuple[Path, Path]:
+    """LLaVA-Hound's layout: a jsonl of {id, video, conversations} and one frame folder per clip. Row 2 names a
+    clip with no frame folder, row 3 has an empty answer."""
+    frames = root / "frames"
+    rows = []
+    for i in range(4):
+        if i != 2:
+            for k in range(1, 11):
+                (frames / f"clip{i}").mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (32, 32), (20 * k, 10 * i, 90)).save(frames / f"clip{i}" / f"frame_{k}.jpg")
+        answer = "" if i == 3 else f"a red ball rolls left {i}"
+        rows.append({"id": f"v{i}", "video": f"clip{i}", "conversations": [
+            {"from": "human", "value": f"<video>\nWhat happens in clip {i}?"}, {"from": "gpt", "value": answer}]})
+    (root / "video_qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "video_qa.jsonl", frames
+
+
+def test_video_and_visdoc_training_layouts(setup, tmp_path, capsys):
+    """The other training sets of VLM2Vec-V2's recipe, in their published layouts: LLaVA-Hound read three ways
+    (caption, video retrieval, QA) and ViDoRe's colpali_train_set (page + question -> answer); bad rows named."""
+    from mmemb_lab.data import DataError
+    from mmemb_lab.eval.mmeb import load_llavahound_rows, load_vidore_rows, resolve
+
+    jsonl, frames = _llavahound_fixture(tmp_path / "hound")
+    problems: list[str] = []
+    cap = load_llavahound_rows(jsonl, frames, "video_qa", "caption", problems=problems)
+    assert [q.name for q, _, _ in cap] == ["video_qa train row 0", "video_qa train row 1"]
+    assert "row 2: missing video frames folder" in problems[0] and "row 3: conversations need" in problems[1]
+    q, p, n = cap[1]
+    assert q.text == "What happens in clip 1?" and p.text == "a red ball rolls left 1" and n is None
+    assert len(resolve(q).visual) == 8 and p.visual is None  # 8 of the 10 frames, as for evaluation
+    q, p, _ = load_llavahound_rows(jsonl, frames, "video_qa", "video_retrieval")[0]
+    assert q.visual is None and q.text == "a red ball rolls left 0" and q.instruction.startswith("Find a video")
+    assert len(resolve(p).visual) == 8 and p.instruction.startswith("Understand the content")
+    q, _, _ = load_llavahound_rows(jsonl, frames, "video_qa", "qa")[0]
+    assert q.instruction.startswith("Answer a question") and q.visual is not None
+    with pytest.raises(DataError, match="video_qa train row 2: missing video frames folder"):
+        load_llavahound_rows(jsonl, frames, "video_qa", strict=True)
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 56), (5, 150, 60)).save(buf, format="PNG")
+    page = {"bytes": buf.getvalue(), "path": "p0.png"}
+    rows = [{"query": q, "image": page, "image_filename": "p0.png", "answer": a, "source": "s", "options": None,
+             "page": "1", "model": "m", "prompt": "p", "answer_type": "extractive"}
+            for q, a in (("What is the total?", "42"), ("", "7"), ("Which year?", "1999"))]
+    (tmp_path / "colpali").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "colpali" / "train-00000-of-00001.parquet")
+    problems = []
+    doc = load_vidore_rows(tmp_path / "colpali", "colpali_train_set", problems=problems)
+    assert [q.text for q, _, _ in doc] == ["What is the total?", "Which year?"] and doc[1][1].text == "1999"
+    assert resolve(doc[0][0]).visual.getpixel((0, 0)) == (5, 150, 60)
+    assert problems == ["colpali_train_set train row 1: empty query"]
+
+    _, _, ckpt = setup  # the rationales command on a video source: the rows it can use, the skipped ones named
+    assert cli.main(["rationales", "--llavahound", str(jsonl), "--frames", str(frames), "--mode", "qa", "--hf",
+                     f"tiny={ckpt}", "--max-new-tokens", "4", "--out", str(tmp_path / "cands")]) == 0
+    assert json.loads(capsys.readouterr().out)["tiny"]["rows"] == 2
+    assert len(json.loads((tmp_path / "cands" / "skipped.json").read_text())) == 2
+    assert Manifest.load(tmp_path / "cands" / "tiny").config["source"]["mode"] == "qa"

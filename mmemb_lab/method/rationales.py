@@ -39,7 +39,7 @@ import numpy as np
 from .. import distributed
 from ..data import DataError, load_train
 from ..eval.mmeb.files import resolve_all
-from ..eval.mmeb.loaders import load_train_rows
+from ..eval.mmeb.loaders import load_llavahound_rows, load_train_rows, load_vidore_rows
 from ..model.backbone import Backbone, load_backbone
 from ..model.embed import Input
 from ..runs import Manifest, RunError, RunFolder, atomic_write_text, file_digest, weights_digest, world_digest
@@ -48,7 +48,7 @@ from .http_worker import HTTPWorker, HTTPWorkerSpec
 from .selection import select, worker_prior
 from .workers import GenerationReport, HFWorker, Rationale, WorkerSpec, generate_candidates, load_candidates
 
-SOURCES = ("mmeb-train", "world")
+SOURCES = ("mmeb-train", "llavahound", "vidore", "world")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class TrainSource:
     """Where the training queries come from."""
 
     kind: str
-    """``"mmeb-train"`` (one subset's table in MMEB-train's layout) or ``"world"`` (a toy world)."""
+    """``"mmeb-train"`` (MMEB-train's layout), ``"llavahound"`` (LLaVA-Hound's video instruction jsonl),
+    ``"vidore"`` (ViDoRe's training set) or ``"world"`` (a toy world)."""
     path: str
     """MMEB-train: one subset's folder or table file, or the root holding the ``datasets`` subsets; world: the
     world's root folder."""
@@ -70,6 +71,10 @@ class TrainSource:
     """MMEB-train: the subsets under ``path`` (none: ``path`` is one subset); world: which datasets (default: all)."""
     limit: int | None = None
     """Only the first ``limit`` usable rows (a trial run)."""
+    frames: str = ""
+    """llavahound: the folder holding one frame folder per clip."""
+    mode: str = "caption"
+    """llavahound: ``caption``, ``video_retrieval`` or ``qa`` (``eval.mmeb.LLAVAHOUND_MODES``)."""
 
     def __post_init__(self):
         if self.kind not in SOURCES:
@@ -224,6 +229,13 @@ def real_pairs(rationales_dir: str | Path, pool_negatives: int = 15, seed: int =
 def _triples(src: TrainSource, problems: list[str] | None = None):
     """(query, positive, negative or None) of every usable row; skipped rows' messages go to ``problems``."""
     path = Path(src.path)
+    if src.kind == "llavahound":
+        if not src.frames:
+            raise DataError(f"{path}: a llavahound source needs its frames folder (--frames)")
+        name = src.subset or (path.stem if src.mode == "caption" else f"{path.stem}-{src.mode}")
+        return load_llavahound_rows(path, src.frames, name, src.mode, problems=problems)
+    if src.kind == "vidore":
+        return load_vidore_rows(path, src.subset or path.stem, problems=problems)
     if src.kind == "mmeb-train" and src.datasets:
         images = Path(src.images) if src.images else path / "images"
         return [t for d in src.datasets for t in load_train_rows(path / d, images, d, split=src.split,

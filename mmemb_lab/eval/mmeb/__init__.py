@@ -26,6 +26,9 @@ Concept
     - **MMEB-train** (``TIGER-Lab/MMEB-train``, splits ``original`` / ``diverse_instruction``): ``qry``
       (instruction merged, with the placeholder), ``qry_image_path``, ``pos_text``, ``pos_image_path``,
       optional ``neg_text`` / ``neg_image_path``.
+    - **The other training sets VLM2Vec-V2's recipe reads**: LLaVA-Hound's video instruction jsonl (``id``,
+      ``video`` = a frame folder, ``conversations``), read three ways (caption, video retrieval, QA), and
+      ViDoRe's ``colpali_train_set`` (``query``, ``image``, ``answer``: the page and question -> the answer).
 
     Visuals are *lazy* (:class:`LazyVisual`): a loader checks that files and frames exist, and the
     pixels are read just before embedding (:func:`resolve`), so a 1000-page corpus or 100k candidate
@@ -84,12 +87,15 @@ from .files import (
 )
 from .hub import download, download_plan
 from .loaders import (
+    LLAVAHOUND_MODES,
     dataset_dir,
     images_folder,
     load_dataset,
     load_image_eval,
+    load_llavahound_rows,
     load_train_rows,
     load_video_eval,
+    load_vidore_rows,
     load_visdoc_eval,
     split_version,
     video_frames_folder,
@@ -98,6 +104,7 @@ from .loaders import (
 __all__ = [
     "LazyVisual", "MMEBSet", "resolve", "resolve_all", "sample_frame_indices", "read_rows",
     "load_image_eval", "load_video_eval", "load_visdoc_eval", "load_train_rows", "load_dataset",
+    "load_llavahound_rows", "load_vidore_rows", "LLAVAHOUND_MODES",
     "dataset_dir", "images_folder", "video_frames_folder", "split_version", "download", "download_plan",
     "MANIFEST", "TARGET_INSTRUCTIONS", "IMAGE_EXTENSIONS", "frames_visual", "visual_from",
 ]

@@ -262,6 +262,77 @@ def load_train_rows(path: str | Path, image_root: str | Path, name: str, split: 
     return out
 
 
+LLAVAHOUND_MODES = {
+    # mode: (query instruction, target instruction); the reference's prompts, as VLM2Vec-V2 trains
+    "caption": ("", ""),  # the human turn and the clip -> the caption
+    "video_retrieval": ("Find a video that contains the following visual content:",
+                        "Understand the content of the provided video:"),  # the caption -> the clip
+    "qa": ("Answer a question based on the content of a video.", ""),  # the question and the clip -> the answer
+}
+"""How VLM2Vec-V2 reads LLaVA-Hound's video instruction data (``llavahound_caption`` / ``llavahound_qa``)."""
+
+
+def load_llavahound_rows(path: str | Path, frames_root: str | Path, name: str, mode: str = "caption",
+                         strict: bool = False, problems: list[str] | None = None
+                         ) -> list[tuple[Input, Input, None]]:
+    """LLaVA-Hound video instruction rows (jsonl: ``id``, ``video`` = a frame folder under ``frames_root``,
+    ``conversations`` = [human turn with ``<video>``, answer]) -> (query, positive, None) triples; 8 frames
+    sampled per clip as for evaluation. A row whose clip has no frames, or whose turns are missing or empty,
+    is skipped and named."""
+    if mode not in LLAVAHOUND_MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {sorted(LLAVAHOUND_MODES)}")
+    q_inst, t_inst = LLAVAHOUND_MODES[mode]
+    rows = read_rows(path)
+    _check_columns(rows, ("id", "video", "conversations"), f"{name} ({path})")
+    skip, out = _Skipper(strict), []
+    for i, r in enumerate(rows):
+        where = f"{name} train row {i}"
+        try:
+            turns = r["conversations"] or []
+            if len(turns) < 2 or not str(turns[0].get("value") or "").strip() or not str(turns[1].get("value")
+                                                                                         or "").strip():
+                raise DataError(f"{where}: conversations need a human turn and an answer, got {turns!r:.120}")
+            clip = visual_from(str(r["video"]), Path(frames_root), where, video=True)
+            asked, answer = turns[0]["value"].replace("<video>", "").strip(), turns[1]["value"].strip()
+            if mode == "video_retrieval":
+                out.append((Input(answer, None, q_inst, None, where), Input("", clip, t_inst, None, where + " (pos)"),
+                            None))
+            else:
+                out.append((Input(asked, clip, q_inst, None, where), Input(answer, None, t_inst, None,
+                                                                            where + " (pos)"), None))
+        except DataError as e:
+            skip(e)
+    if problems is not None:
+        problems.extend(skip.problems)
+    return out
+
+
+def load_vidore_rows(path: str | Path, name: str, strict: bool = False, problems: list[str] | None = None
+                     ) -> list[tuple[Input, Input, None]]:
+    """ViDoRe's training set (``vidore/colpali_train_set``: ``query``, ``image``, ``image_filename``,
+    ``answer``, ...) as VLM2Vec-V2 trains on it: the page and the question -> the answer. The page is read
+    from the row's image bytes (or its path beside the table)."""
+    path = Path(path)
+    rows = read_rows(path)
+    _check_columns(rows, ("query", "image", "answer"), f"{name} ({path})")
+    skip, out, base = _Skipper(strict), [], path if path.is_dir() else path.parent
+    for i, r in enumerate(rows):
+        where = f"{name} train row {i}"
+        try:
+            query, answer = str(r["query"] or "").strip(), str(r["answer"] or "").strip()
+            if not query or not answer:
+                raise DataError(f"{where}: empty {'query' if not query else 'answer'}")
+            page = visual_from(r["image"], base, where)
+            if page is None:
+                raise DataError(f"{where}: no page image")
+            out.append((Input(query, page, "", None, where), Input(answer, None, "", None, where + " (pos)"), None))
+        except DataError as e:
+            skip(e)
+    if problems is not None:
+        problems.extend(skip.problems)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # one entry point per dataset, the manifest, and the download
 
