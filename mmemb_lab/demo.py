@@ -276,8 +276,10 @@ def format_summary(summary: Summary) -> str:
         choice = gate.threshold_choice
         how = {m: c["threshold"] for m, c in choice.items() if c.get("split") == "val"}
         if how:
+            step = choice.get("stage2", {}).get("step")
             lines.append("thresholds chosen on the validation split (best overall there): after GRPO "
-                         f"{how.get('stage2')}, stage-1 gate {how.get('stage1')}")
+                         f"{how.get('stage2')}" + (f" (at GRPO step {step})" if step is not None else "")
+                         + f", stage-1 gate {how.get('stage1')}")
         lines.append(f"gate (threshold {gate.threshold}): precision / recall vs needs_reasoning "
                      f"{_num(gate['precision_vs_needs_reasoning'], '.2f')} / "
                      f"{_num(gate['recall_vs_needs_reasoning'], '.2f')}; "

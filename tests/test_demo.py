@@ -3,6 +3,8 @@
 import json
 from dataclasses import replace
 
+import torch
+
 
 def test_demo_smoke(smoke_run, monkeypatch, tiny_foundation):
     from mmemb_lab.demo import run_demo
@@ -69,6 +71,17 @@ def test_demo_smoke(smoke_run, monkeypatch, tiny_foundation):
         assert c["threshold"] == max(p["threshold"] for p in c["curve"] if p["overall"] >= best - 1e-9)
         assert ev[mode]["threshold"] == c["threshold"], mode
     assert gate["threshold"] == choice["stage2"]["threshold"]
+    steps = [r["step"] for r in choice["stage2"]["per_step"]]  # GRPO's step chosen on validation too
+    assert steps == [r["step"] for r in on_disk["stage2"]["invocation_during_rl"]] and steps[0] == 0
+    assert on_disk["stage2"]["chosen_step"] == choice["stage2"]["step"] in steps
+    assert choice["stage2"]["step"] == min((r for r in choice["stage2"]["per_step"]),
+                                           key=lambda r: (-r["overall"], r["invocation_rate"], -r["step"]))["step"]
+    from mmemb_lab.method.rl import read_decision_rows
+    from mmemb_lab.model.backbone import load_backbone
+
+    rl_model = load_backbone(tmp_path / "run" / "stage2" / "model")  # the saved gate is the chosen step's
+    row = rl_model.model.get_output_embeddings().weight[rl_model.token_id("<think>")].detach()
+    assert torch.equal(row, read_decision_rows(tmp_path / "run" / "stage2" / "rl")[choice["stage2"]["step"]])
     rates = [p["invocation_rate"] for p in gate["curve"]]  # decreasing thresholds: non-decreasing invocation
     assert len(rates) == 3 and rates == sorted(rates)
     assert len(on_disk["stage2"]["reward_during_rl"]) == 2  # the smoke preset's GRPO steps

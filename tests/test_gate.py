@@ -254,3 +254,48 @@ def test_committed_gate_is_the_demo_model_it_says_it_is():
     assert gate_model.arch == load_backbone(foundation_dir()).arch
     assert gate_model.tokenizer.get_vocab() == load_backbone(foundation_dir()).tokenizer.get_vocab()
     assert record["threshold_rule"].startswith("best overall on val") and 0 < record["threshold"] < 1
+
+
+def test_p_open_for_a_kept_row_equals_a_forward_with_that_row(make_backbone, inputs):
+    """A stage-2 snapshot's gate is scored from the states of one prefill: p_open recomputed for another
+    ``<think>`` row equals a forward of the model holding that row, and the spans and embeddings do not move."""
+    from mmemb_lab.method.rl_decision import untie_output_embedding
+
+    bb = make_backbone(seed=5)
+    untie_output_embedding(bb.model)
+    g = gate_forward(bb, inputs)
+    head, think = bb.model.get_output_embeddings(), bb.token_id("<think>")
+    assert torch.allclose(gating.p_open_for_row(bb, g.state, head.weight[think]), g.p_open, atol=1e-5)
+    row = head.weight[think].detach() + 0.5 * torch.randn(head.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        head.weight[think] = row
+    moved = gate_forward(bb, inputs)
+    assert not torch.allclose(moved.p_open, g.p_open, atol=1e-3)
+    assert torch.allclose(gating.p_open_for_row(bb, g.state, row), moved.p_open, atol=1e-5)
+    assert torch.equal(moved.direct, g.direct) and torch.equal(moved.state, g.state)
+
+
+def test_the_step_chosen_on_validation_is_the_best_and_ties_go_to_fewer_openings_then_later(backbone, small_world):
+    from mmemb_lab.method.gate import choose_step_and_threshold, choose_threshold, sweep_points, with_think_row
+    from mmemb_lab.world.build import toy_registry
+
+    root, info = small_world
+    reg = {k: v for k, v in toy_registry(info).items() if k in ("toy_qa", "toy_doc")}
+    gp = gate.gate_pass(backbone, root, reg, -1.0, max_new_tokens=4, latency_sample=0)
+    w = backbone.model.get_output_embeddings().weight
+    row, emb = w[backbone.token_id("<think>")].detach(), w[backbone.token_id("<|emb|>")].detach()
+    ths = [0.2, 0.5, 0.8]
+    # the same row at steps 0 and 5 ties; a row pointing away from the states shuts the gate everywhere
+    mean_state = torch.cat([dg.state for dg in gp.per.values()]).mean(0)
+    rows = {0: row, 5: row.clone(), 10: emb - 100 * mean_state / mean_state.norm()}
+    shut = with_think_row(gp, backbone, rows[10])
+    assert max(dg.p.max() for dg in shut.per.values()) < min(ths)
+    c = choose_step_and_threshold(gp, backbone, rows, reg, ths)
+    scores = {s: choose_threshold(sweep_points(with_think_row(gp, backbone, r), reg, ths)) for s, r in rows.items()}
+    assert [r["overall"] for r in c["per_step"]] == [scores[s].overall for s in sorted(rows)]
+    best = max(p.overall for p in scores.values())
+    tied = [s for s, p in scores.items() if p.overall >= best - 1e-9]
+    want = min(tied, key=lambda s: (scores[s].invocation_rate, -s))
+    assert c["step"] == want and c["threshold"] == scores[want].threshold
+    assert (c["step"] == 5) if set(tied) == {0, 5} else c["step"] in tied
+    assert scores[10].invocation_rate == 0 and scores[10].generated_tokens_per_query == 0  # the direct mode

@@ -13,7 +13,7 @@ Used by: stage 2 (``method.stage2``: the threshold on validation, summary.json `
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -24,7 +24,7 @@ from ..data import load_eval
 from ..eval.scoring import aggregate_results, score_set
 from ..model.backbone import Backbone
 from ..model.embed import embed
-from ..model.gating import gate_and_spans
+from ..model.gating import gate_and_spans, p_open_for_row
 from ..model.inference import LATENCY_SAMPLE, MAX_NEW_TOKENS, embed_after
 
 
@@ -78,6 +78,8 @@ class DatasetGate:
     tokens: np.ndarray
     hard: np.ndarray
     metric: str
+    state: torch.Tensor | None = None
+    """(n, hidden) each query's state at the assistant start (``gating.GateOutput.state``)."""
 
     def score(self, use: np.ndarray):
         """The dataset's result when the queries in ``use`` reason and the others embed directly."""
@@ -130,7 +132,7 @@ def gate_pass(backbone: Backbone, world_root, registry: dict, min_threshold: flo
             tokens[idx] = gen.n_tokens
         n_q, n_r = n_q + len(inputs), n_r + len(idx)
         hard = np.array([bool(q.needs_reasoning) for q in es.queries])
-        per[name] = DatasetGate(es, c_emb, g.direct, reasoned, p, tokens, hard, info.metric)
+        per[name] = DatasetGate(es, c_emb, g.direct, reasoned, p, tokens, hard, info.metric, g.state)
         for i, x in enumerate(inputs[:latency_sample]):
             one = gate_and_spans(backbone, [x], -1.0, max_new_tokens)  # every sampled query writes its span
             t0 = time.perf_counter()
@@ -192,3 +194,37 @@ def sweep(backbone: Backbone, world_root, registry: dict, thresholds: Sequence[f
         raise ValueError("no thresholds")
     gp = gate_pass(backbone, world_root, registry, min(ths), max_new_tokens, batch_size, latency_sample, progress)
     return sweep_points(gp, registry, ths)
+
+
+def with_think_row(gp: GatePass, backbone: Backbone, think_row: torch.Tensor) -> GatePass:
+    """``gp`` with every query's p_open recomputed for another ``<think>`` output row (a stage-2 snapshot):
+    the embeddings and spans stay, since that row is all GRPO trains with ``RLConfig.train = "decision"``.
+    ``gp`` must have reasoned for every query (``min_threshold`` < 0), so that any threshold finds its spans."""
+    per = {}
+    for name, dg in gp.per.items():
+        if dg.state is None:
+            raise ValueError(f"{name}: the gate pass kept no decision states")
+        per[name] = replace(dg, p=p_open_for_row(backbone, dg.state, think_row).numpy().astype(float))
+    # the latency sample's gate scores were the old row's: no latency is estimated for another row
+    return replace(gp, per=per, lat_gate=gp.lat_gate[:0], lat_reason=gp.lat_reason[:0], lat_p=gp.lat_p[:0])
+
+
+def choose_step_and_threshold(gp: GatePass, backbone: Backbone, rows: dict[int, torch.Tensor], registry: dict,
+                              thresholds: Sequence[float]) -> dict:
+    """The stage-2 snapshot and threshold with the best overall score on ``gp`` (a validation pass that reasoned
+    for every query): for each kept ``<think>`` row ({GRPO step: row}; step 0 is the stage-1 gate), the
+    sweep and its :func:`choose_threshold`; the best step by overall score, ties going to the fewest
+    openings, then to the later step. Early stopping on validation: what GRPO's steps are worth is measured,
+    not assumed (docs/research-log.md, Stage 2: the GRPO step chosen on validation)."""
+    per_step, curves = [], {}
+    for step in sorted(rows):
+        points = sweep_points(with_think_row(gp, backbone, rows[step]), registry, thresholds)
+        best = choose_threshold(points)
+        curves[step] = points
+        per_step.append({"step": step, "threshold": best.threshold, "overall": best.overall,
+                         "invocation_rate": best.invocation_rate})
+    top = max(r["overall"] for r in per_step)
+    pick = min((r for r in per_step if r["overall"] >= top - 1e-9), key=lambda r: (r["invocation_rate"], -r["step"]))
+    return {"step": pick["step"], "threshold": pick["threshold"], "per_step": per_step,
+            "curve": [{k: v for k, v in p.summary().items() if k not in ("per_meta_task", "latency_ms_per_query")}
+                      for p in curves[pick["step"]]]}

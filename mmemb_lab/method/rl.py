@@ -89,9 +89,9 @@ from .rl_decision import (
 )
 
 # what a user of stage 2 reaches for, wherever it is defined
-__all__ = ["RLConfig", "RLResult", "train_rl", "probe_invocation", "group_advantages", "read_rl_run", "toy_rl_pairs",
-           "make_processor", "prompt_messages", "rl_dataset", "CHAT_TEMPLATE", "GreedyRationales",
-           "DecisionExploration", "untie_output_embedding"]
+__all__ = ["RLConfig", "RLResult", "train_rl", "probe_invocation", "group_advantages", "read_rl_run",
+           "read_decision_rows", "toy_rl_pairs", "make_processor", "prompt_messages", "rl_dataset", "CHAT_TEMPLATE",
+           "GreedyRationales", "DecisionExploration", "untie_output_embedding"]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,8 @@ class RLResult:
     on easy / hard probe queries where labels exist."""
     steps_done: int
     wall_s: float
+    decision_rows: dict = field(default_factory=dict)
+    """{step: the ``<think>`` output row at that probe step} with ``train="decision"`` (step 0: stage 1's)."""
 
 
 def probe_invocation(backbone: Backbone, inputs: Sequence[Input], hard: Sequence[bool | None] | None = None,
@@ -233,16 +235,22 @@ def probe_invocation(backbone: Backbone, inputs: Sequence[Input], hard: Sequence
     return out
 
 
-def _probe_callback(backbone: Backbone, probe: Sequence[PairTargets], cfg: RLConfig, records: list[dict]):
+def _probe_callback(backbone: Backbone, probe: Sequence[PairTargets], cfg: RLConfig, records: list[dict],
+                    rows: dict[int, torch.Tensor]):
+    """Measures the probe's invocation rate every ``cfg.probe_every`` steps; with ``train="decision"`` it also
+    keeps the ``<think>`` output row at those steps in ``rows`` (the whole of what GRPO changed by then)."""
     from transformers import TrainerCallback
 
     inputs = [p.query for p in probe]
     hard = [p.needs_reasoning for p in probe]
+    think = backbone.token_id(THINK_OPEN)
 
     class InvocationProbe(TrainerCallback):
         def _measure(self, step: int) -> None:
             records.append({"step": step, **probe_invocation(backbone, inputs, hard, cfg.probe_threshold,
                                                               cfg.embed_batch_size)})
+            if cfg.train == "decision":
+                rows[step] = backbone.model.get_output_embeddings().weight[think].detach().float().cpu().clone()
 
         def on_train_begin(self, args, state, control, **kw):
             self._measure(0)
@@ -266,7 +274,7 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from ..runs import atomic_write_text
+    from ..runs import atomic_torch_save, atomic_write_text
 
     pairs = list(pairs)
     if len(pairs) < cfg.prompts_per_step:
@@ -304,7 +312,8 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
         writer = GreedyRationales(backbone, pairs, cfg.max_completion_length - 1, cfg.embed_batch_size)
         reward_funcs = [WithGreedyRationale(f, writer) for f in reward_funcs]
     records: list[dict] = []
-    callback = _probe_callback(backbone, list(probe) if probe is not None else pairs[:64], cfg, records)
+    rows: dict[int, torch.Tensor] = {}
+    callback = _probe_callback(backbone, list(probe) if probe is not None else pairs[:64], cfg, records, rows)
     owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft wrapper
     saved_gen = copy.deepcopy(owner.generation_config)
     # A completion ends at <|emb|> (direct), at </think> (the span is closed: as at inference, <|emb|> is
@@ -344,9 +353,12 @@ def train_rl(backbone: Backbone, pairs: Sequence[PairTargets], cfg: RLConfig = R
     if distributed.is_main():
         atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         atomic_write_text(out / "invocation.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        if rows:
+            atomic_torch_save({"steps": sorted(rows), "rows": torch.stack([rows[k] for k in sorted(rows)])},
+                              out / DECISION_ROWS)
     log.info("stage 2: %d GRPO steps in %.0f s; invocation rate %s -> %s", steps, wall,
              records[0]["invocation_rate"] if records else None, records[-1]["invocation_rate"] if records else None)
-    return RLResult(history, records, steps, wall)
+    return RLResult(history, records, steps, wall, rows)
 
 
 def _bar_only(progress_callback: type) -> type:
@@ -371,3 +383,16 @@ def read_rl_run(out_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
     return rows("history.jsonl"), rows("invocation.jsonl")
 
+
+
+DECISION_ROWS = "decision_rows.pt"
+"""Under a run's folder: the ``<think>`` row at each probe step (``RLResult.decision_rows``)."""
+
+
+def read_decision_rows(out_dir: str | Path) -> dict[int, torch.Tensor]:
+    """{step: row} kept by a decision-only run (empty for a run that kept none)."""
+    p = Path(out_dir) / DECISION_ROWS
+    if not p.is_file():
+        return {}
+    d = torch.load(p, weights_only=True)
+    return {int(k): r for k, r in zip(d["steps"], d["rows"])}

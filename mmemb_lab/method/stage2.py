@@ -31,16 +31,17 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..data import eval_split_dir
 from ..eval.scoring import BenchmarkResult, aggregate_results, mixed_cost, prediction_ids, write_dataset
-from ..model.backbone import Backbone, load_backbone
+from ..model.backbone import THINK_OPEN, Backbone, load_backbone
 from ..model.embed import embed
 from ..model.gating import AdaptiveEncoder
 from ..model.inference import LATENCY_SAMPLE, MAX_NEW_TOKENS, THRESHOLD, ReasoningEncoder
 from ..runs import atomic_write_text
-from .gate import GatePass, choose_threshold, gate_pass, gate_precision_recall, sweep_points
-from .rl import RLConfig, read_rl_run, toy_rl_pairs, train_rl
+from .gate import GatePass, choose_step_and_threshold, choose_threshold, gate_pass, gate_precision_recall, sweep_points
+from .rl import RLConfig, read_decision_rows, read_rl_run, toy_rl_pairs, train_rl
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,16 @@ class Stage2Config:
     """Generation budget of a rationale at inference."""
     train_offset: int = 5000
     """First ``train``-split index of the RL queries (stage 1 trained on indices below ``n_train``)."""
+    step_choice: str = "val"
+    """Which GRPO step's gate runs: "val" (ours: among the ``<think>`` rows kept at every probe step, step 0 being
+    the stage-1 gate, the step and threshold with the best overall score on the validation split,
+    :func:`gate.choose_step_and_threshold`) or "last" (the final step, the threshold alone chosen on
+    validation). Why: on some seeds GRPO drove p_open to 1 on most queries and the last step's best validation
+    score fell below the stage-1 gate's (docs/research-log.md, Stage 2: GRPO saturates p_open at 1)."""
+
+    def __post_init__(self):
+        if self.step_choice not in ("val", "last"):
+            raise ValueError(f"unknown step_choice={self.step_choice!r}: 'val' or 'last'")
 
 
 def reference_latency(backbone: Backbone, inputs: list, adaptive: AdaptiveEncoder,
@@ -230,8 +241,11 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
     history, invocation = read_rl_run(out / "rl")
 
     stage1 = load_backbone(stage1_model)
-    choice = {"stage2": threshold_on_val(backbone, world_root, registry, cfg, progress),
+    choice = {"stage2": step_on_val(backbone, read_decision_rows(out / "rl"), world_root, registry, cfg, progress),
               "stage1": threshold_on_val(stage1, world_root, registry, cfg, progress)}
+    if choice["stage2"].get("moved_row"):
+        backbone.save(model_dir)  # the gate that runs is the chosen step's (atomic: a kill keeps the old folder)
+        choice["stage2"].pop("moved_row")
     thr, thr1 = choice["stage2"]["threshold"], choice["stage1"]["threshold"]
     gp = gate_pass(backbone, world_root, registry, -1.0, cfg.max_new_tokens, latency_sample=latency_sample,
                    progress=progress)
@@ -267,6 +281,7 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
                  "adaptive_stage1": stage1_adaptive.summary() | rates1 | {"threshold": thr1}},
         "gate": gate,
         "stage2": {"rl": asdict(cfg.rl) | {"n_queries": cfg.n_per_dataset * len(registry)}, "rl_wall_s": rl_wall,
+                   "chosen_step": choice["stage2"].get("step"),
                    "after_rl": {"direct": _short(modes["direct"]), "always": _short(modes["always"])},
                    "invocation_during_rl": invocation,
                    "reward_during_rl": [{k: h.get(k) for k in ("step", "reward", "reward_std")} | _reward_terms(h)
@@ -274,6 +289,35 @@ def run_stage2(stage1_model: str | Path, world_root, registry: dict, out_dir: st
     }
     atomic_write_text(out / "stage2.json", json.dumps(result, indent=1))
     return result
+
+
+def step_on_val(backbone: Backbone, rows: dict[int, torch.Tensor], world_root, registry: dict, cfg: Stage2Config,
+                progress: bool) -> dict:
+    """With ``cfg.step_choice == "val"``, kept rows and a validation split: the GRPO step and threshold chosen
+    together on validation (:func:`gate.choose_step_and_threshold`, from one pass that reasons for every
+    validation query), and that step's row put into ``backbone`` (``moved_row`` says whether it changed).
+    Otherwise :func:`threshold_on_val` on the model as it is."""
+    has_val = all(eval_split_dir(world_root, name, info.eval_type, "val").exists() for name, info in registry.items())
+    if cfg.step_choice != "val" or not rows or not has_val:
+        return threshold_on_val(backbone, world_root, registry, cfg, progress) | {"step": max(rows, default=None)}
+    gp = gate_pass(backbone, world_root, registry, -1.0, cfg.max_new_tokens, latency_sample=0, progress=progress,
+                   split="val")
+    c = choose_step_and_threshold(gp, backbone, rows, registry, cfg.thresholds)
+    head, think = backbone.model.get_output_embeddings(), backbone.token_id(THINK_OPEN)
+    if head.weight is backbone.model.get_input_embeddings().weight:
+        raise ValueError(f"{backbone.source}: the output embedding is tied to the input one; a decision-only "
+                         "stage 2 unties it, so this is not the model it trained")
+    row = rows[c["step"]].to(head.weight.device, head.weight.dtype)
+    moved = not torch.equal(head.weight[think].detach(), row)
+    with torch.no_grad():
+        head.weight[think] = row
+    log.info("stage 2: GRPO step %d of %d chosen on validation (overall %.2f at threshold %s)", c["step"],
+             max(rows), next(r["overall"] for r in c["per_step"] if r["step"] == c["step"]), c["threshold"])
+    return {"threshold": c["threshold"], "step": c["step"], "split": "val",
+            "rule": "best overall on val over (GRPO step, threshold); ties: fewest openings, then later step; "
+                    "within a step, ties: highest threshold",
+            "n_queries": sum(len(dg.p) for dg in gp.per.values()), "curve": c["curve"], "per_step": c["per_step"],
+            "moved_row": moved}
 
 
 def threshold_on_val(backbone: Backbone, world_root, registry: dict, cfg: Stage2Config, progress: bool) -> dict:

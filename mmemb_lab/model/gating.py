@@ -55,6 +55,9 @@ class GateOutput:
     """(n,) p(<think>) at the assistant start, full softmax over the vocabulary."""
     p_emb: torch.Tensor
     """(n,) p(<|emb|>) at the assistant start."""
+    state: torch.Tensor | None = None
+    """(n, hidden) the final-normed state at the assistant start, which the output layer turns into the decision
+    (float32): with it, another ``<think>`` row's p_open needs no forward (:func:`p_open_for_row`)."""
 
     @property
     def p_open(self) -> torch.Tensor:
@@ -80,7 +83,8 @@ def _prefill(backbone: Backbone, inputs: Sequence[Input], keep_cache: bool) -> _
     out = base_model(bb.model)(**batch, position_ids=pos, use_cache=keep_cache)
     states = out.last_hidden_state  # (b, seq, hidden), final-normed, left-padded
     logp = torch.log_softmax(bb.model.get_output_embeddings()(states[:, -2]).float(), dim=-1)  # after the prompt
-    g = GateOutput(pool(states).cpu(), logp[:, think].exp().cpu(), logp[:, emb].exp().cpu())
+    g = GateOutput(pool(states).cpu(), logp[:, think].exp().cpu(), logp[:, emb].exp().cpu(),
+                   states[:, -2].float().cpu())
     return _Prefill(g, batch["attention_mask"], pos, cache_of(out) if keep_cache else None)
 
 
@@ -121,8 +125,21 @@ def gate_forward(backbone: Backbone, inputs: Sequence[Input], batch_size: int = 
 def _cat_gates(bb: Backbone, outs: list[GateOutput]) -> GateOutput:
     if not outs:
         h = bb.model.config.text_config.hidden_size
-        return GateOutput(torch.zeros(0, h), torch.zeros(0), torch.zeros(0))
-    return GateOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in ("direct", "p_think", "p_emb")))
+        return GateOutput(torch.zeros(0, h), torch.zeros(0), torch.zeros(0), torch.zeros(0, h))
+    return GateOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in ("direct", "p_think", "p_emb", "state")))
+
+
+def p_open_for_row(backbone: Backbone, state: torch.Tensor, think_row: torch.Tensor) -> torch.Tensor:
+    """(n,) the gate's p_open on states of :class:`GateOutput` had the output layer's ``<think>`` row been
+    ``think_row``: p_open is the sigmoid of z(<think>) - z(<|emb|>), whatever the other rows (the softmax's
+    normaliser cancels), so a row kept during stage 2 is scored without running the model again."""
+    head = backbone.model.get_output_embeddings()
+    emb_row = head.weight[backbone.token_id(EMB_TOKEN)].detach().float().cpu()
+    z = state.float() @ (think_row.detach().float().cpu() - emb_row)
+    if getattr(head, "bias", None) is not None:
+        b = head.bias.detach().float().cpu()
+        z = z + b[backbone.token_id(THINK_OPEN)] - b[backbone.token_id(EMB_TOKEN)]
+    return torch.sigmoid(z)
 
 
 @dataclass(frozen=True)
