@@ -18,7 +18,8 @@ The package follows the pipeline a reader follows; each sub-package imports only
 Beside them: ``data`` (records to inputs, MMEB schemas), ``runs`` (run identity, atomic writes), ``distributed``,
 ``paths``, ``presets``, ``pipeline`` (stages with manifests), ``chain`` (the method on real data from one recipe),
 ``demo``, ``embedder`` (``mmemb_lab.Embedder``),
-``cli`` (the parser) and ``commands`` (what each command does), ``bench`` and ``gpu_check``.
+``results`` (a run's tables and targets), ``cli`` (the parser) and ``commands`` (what each command does), ``bench`` and
+``gpu_check``.
 """
 
 __version__ = "0.1.0"

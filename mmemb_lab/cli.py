@@ -139,6 +139,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-png", action="store_true", help="HTML only (no browser needed)")
     s.set_defaults(fn=commands.figures)
 
+    s = sub.add_parser("results", help="finished demo runs' tables and targets, as markdown (the README's results)")
+    s.add_argument("runs", nargs="+", help="demo run folders (each holds summary.json)")
+    s.set_defaults(fn=commands.results)
+
     s = sub.add_parser("gpu-check", help="stage-1 speed, memory and MFU, embedding throughput and gate latency of "
                                          "Qwen3-VL-4B (released shape, random weights) on one GPU (make gpu-check)")
     s.add_argument("--out", default="runs/gpu-check")

@@ -213,6 +213,15 @@ def gpu_check(a) -> None:
                                    a.peak_tflops), indent=1))
 
 
+def results(a) -> None:
+    from .results import report
+
+    missing = [r for r in a.runs if not (Path(r) / "summary.json").is_file()]
+    if missing:
+        raise SystemExit(f"no summary.json in {', '.join(missing)}: run `make demo OUT=<folder>` first")
+    print(report(a.runs))
+
+
 def figures(a) -> None:
     from .figures import paper_figures, save_figures
     from .paths import figures_dir
