@@ -8,8 +8,8 @@ import pytest
 
 from mmemb_lab.cli import main, parser
 
-COMMANDS = ["world", "foundation", "train", "evaluate", "demo", "run", "rationales", "select", "stage1", "stage2", "figures", "bench", "gpu-check",
-            "datasets", "data", "benchmark"]
+COMMANDS = ["world", "foundation", "train", "evaluate", "demo", "run", "rationales", "select", "stage1", "stage2", "figures",
+            "results", "bench", "gpu-check", "datasets", "data", "benchmark"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
