@@ -85,7 +85,8 @@ def test_demo_smoke(smoke_run, monkeypatch, tiny_foundation):
     rates = [p["invocation_rate"] for p in gate["curve"]]  # decreasing thresholds: non-decreasing invocation
     assert len(rates) == 3 and rates == sorted(rates)
     assert len(on_disk["stage2"]["reward_during_rl"]) == 2  # the smoke preset's GRPO steps
-    for name in ("gate_curve", "gate_invocation", "rl_curves", "modes_easy_hard", "reasoning_headroom"):
+    for name in ("gate_curve", "gate_invocation", "rl_curves", "modes_easy_hard", "reasoning_headroom",
+                 "stage2_step_choice"):
         assert (tmp_path / "run" / "figures" / f"{name}.html").exists(), name
     # a rerun reuses every finished step (world, stage 1, the RL model) and rewrites the same summary shape
     again = run_demo(seed=3, out=tmp_path / "run", preset="smoke", world_dir=tmp_path / "world", progress=False,
@@ -103,6 +104,8 @@ def test_demo_smoke(smoke_run, monkeypatch, tiny_foundation):
     modes = {tr.name: dict(zip(tr.x, tr.y)) for tr in figs["modes_easy_hard"].data}
     for mode in ("baseline_direct", "baseline_always", "adaptive_stage1", "adaptive", "oracle"):
         assert modes["overall"][mode] == on_disk["eval"][mode]["overall"], mode
+    by_step = {r["step"]: r["overall"] for r in choice["stage2"]["per_step"]}  # the step choice, from the summary
+    assert dict(zip(figs["stage2_step_choice"].data[0].x, figs["stage2_step_choice"].data[0].y)) == by_step
     assert figs["modes_easy_hard"].layout.width == 700 and figs["gate_curve"].layout.width == 1000  # print style:
     assert figs["gate_curve"].layout.font.size == 15  # one panel 7 inches wide, two panels 10
     assert main(["figures", str(tmp_path / "run"), "--no-png"]) == 0  # default folder: figures/<run name>

@@ -177,6 +177,18 @@ def test_the_fitted_worker_prior_breaks_ties_toward_the_worker_that_wins_where_i
     assert np.allclose(worker_prior(flipped), prior)
 
 
+def test_precision_best_ranking_bounds_every_choice_among_the_passing_candidates():
+    """The oracle ranking's precision: pairs where a wrong candidate alone clears tau count against every
+    ranking; pairs where a correct one clears it too count for the oracle whatever the prior picks."""
+    t = _tied_table()   # 30 ties (both pass, the correct one among them), 10 where only the correct one passes
+    uniform = select(t, "both")
+    assert uniform.precision() < 0.3 and uniform.precision_best_ranking() == 1.0
+    only_wrong = dataclasses.replace(t, logp_with=t.logp_with[:, ::-1].copy())  # the wrong one alone passes on 10
+    s = select(only_wrong, "both")
+    assert s.precision_best_ranking() == 0.75 and s.precision() <= s.precision_best_ranking()
+    assert np.isnan(select(t, "both", tau=1e9).precision_best_ranking())
+
+
 def test_both_max_does_not_keep_a_rationale_for_out_gaining_its_own_workers_swap():
     """Seed 0's "cls-57": the hallucinating rationale's own swap partner is wrong too, so its per-worker swap
     gain clears tau where the correct one's (against a correct partner) does not; "both" keeps it. "both_max"

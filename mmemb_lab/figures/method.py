@@ -273,3 +273,28 @@ def rl_curves(history: list[dict], invocation: list[dict]) -> go.Figure:
     fig.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
     fig.update_layout(title="Stage 2 (GRPO): reward and invocation", template="plotly_white")
     return fig
+
+
+def step_choice(per_step: list[dict], chosen: int | None = None) -> go.Figure:
+    """Stage 2's early stopping on validation: for every kept GRPO step (step 0 is the stage-1 gate), the
+    validation overall score at that step's own best threshold and the invocation rate there, ``chosen``
+    (the step the run kept) ringed (``gate.choose_step_and_threshold``)."""
+    from plotly.subplots import make_subplots
+
+    rows = sorted(per_step, key=lambda r: r["step"])
+    steps = [r["step"] for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("validation overall (its best threshold)",
+                                                        "validation invocation rate"))
+    for col, key in ((1, "overall"), (2, "invocation_rate")):
+        fig.add_scatter(x=steps, y=[r[key] for r in rows], mode="lines+markers", name=key, showlegend=False,
+                        text=[f"t={r['threshold']}" for r in rows], line={"color": "#888888"}, row=1, col=col)
+        at = [r for r in rows if r["step"] == chosen]
+        if at:
+            fig.add_scatter(x=[chosen], y=[at[0][key]], mode="markers", name=f"chosen (step {chosen})",
+                            showlegend=col == 1, row=1, col=col,
+                            marker={"symbol": "circle-open", "size": 16, "color": "black", "line": {"width": 2}})
+    fig.update_xaxes(title_text="GRPO step (0 = stage-1 gate)")
+    fig.update_yaxes(title_text="score (%)", row=1, col=1)
+    fig.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
+    fig.update_layout(title="Stage 2: the GRPO step chosen on validation", template="plotly_white")
+    return fig

@@ -24,6 +24,7 @@ from .method import (
     reasoning_headroom,
     rl_curves,
     stage1_curves,
+    step_choice,
     worker_gains,
 )
 
@@ -82,6 +83,8 @@ def run_figures(run: str | Path, s: Summary) -> dict[str, go.Figure]:
         figs["gate_curve"] = gate_curve(s.gate.curve, s.gate.threshold, choice.get("curve"), ev)
         if "adaptive" in ev:
             figs["gate_invocation"] = gate_invocation(ev["adaptive"], s.gate)
+        if choice.get("per_step"):
+            figs["stage2_step_choice"] = step_choice(choice["per_step"], choice.get("step"))
     if s.stage2 is not None:
         figs["rl_curves"] = rl_curves(s.stage2.reward_during_rl, s.stage2.invocation_during_rl)
     sel = run / "selection"

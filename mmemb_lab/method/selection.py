@@ -82,6 +82,17 @@ class Selection:
             return float("nan")
         return float(np.mean(self.table.correct[np.where(sel)[0], self.choice[sel]]))
 
+    def precision_best_ranking(self) -> float:
+        """The precision an oracle ranking would reach with this filter: among pairs where some candidate clears
+        tau, the share where a correct one does. What no choice among the passing candidates can beat; the
+        rest of the gap to 1 is the filter's (the evaluator credits a wrong candidate, not the right one)."""
+        t = self.table
+        passing = t.valid & (np.nan_to_num(t.gains(self.variant), nan=-np.inf) > self.tau)
+        some = passing.any(axis=1)
+        if not some.any():
+            return float("nan")
+        return float(np.mean((passing & t.correct).any(axis=1)[some]))
+
     def share_by_worker(self) -> dict[str, float]:
         sel = self.choice[self.selected()]
         return {w: float(np.mean(sel == j)) if len(sel) else 0.0 for j, w in enumerate(self.table.workers)}
@@ -188,7 +199,8 @@ def selection_summary(sel: Selection, baselines: dict[str, Selection]) -> dict:
     """The ``selection`` block of summary.json."""
     fitted = {} if sel.prior is None else {"worker_prior": dict(zip(["none", *sel.table.workers], map(float, sel.prior)))}
     return {"variant": sel.variant, "tau": sel.tau, "n_pairs": int(len(sel.choice)), **fitted,
-            "precision": sel.precision(), "selected_share_by_worker": sel.share_by_worker(),
+            "precision": sel.precision(), "precision_best_ranking": sel.precision_best_ranking(),
+            "selected_share_by_worker": sel.share_by_worker(),
             "recall_on_opportunity": sel.recall_on_opportunity(), "worker_step_accuracy": sel.worker_step_accuracy(),
             "no_reasoning_rate_easy": sel.no_reasoning_rate(False),
             "no_reasoning_rate_hard": sel.no_reasoning_rate(True),
