@@ -37,6 +37,21 @@ def test_demo_smoke(smoke_run, monkeypatch, tiny_foundation):
     assert set(sel["no_reasoning_rate_hard_per_dataset"]) <= set(gold["direct"])
     for name, solved in sel["solved_directly_rate_hard_per_dataset"].items():  # those can only go without
         assert solved <= sel["no_reasoning_rate_hard_per_dataset"][name] + 1e-9, name
+    # gains.jsonl keeps every confidence the filter reads: the oracle ranking's precision follows from it alone
+    import math
+    from collections import defaultdict
+
+    lines = defaultdict(list)
+    for ln in (tmp_path / "run" / "selection" / "gains.jsonl").read_text().splitlines():
+        r = json.loads(ln)
+        lines[r["item_id"]].append(r)
+    swap = lambda r: -math.inf if math.isnan(r["logp_swap"]) else r["logp_swap"]  # noqa: E731
+    passing = {i: [r["correct"] for r in rs if r["status"] == "ok" and min(
+        r["logp_with"] - r["logp_direct"], r["logp_with"] - max(map(swap, rs))) > sel["tau"]] for i, rs in lines.items()}
+    some = [any(c) for c in passing.values() if c]
+    assert len(lines) == sel["n_pairs"]
+    assert (math.isnan(sel["precision_best_ranking"]) if not some
+            else abs(sel["precision_best_ranking"] - sum(some) / len(some)) < 1e-9)
     st = on_disk["stage1"]
     assert {"rationale_sensitivity", "rationale_step_accuracy", "rationale_answer_accuracy"} <= set(st)
     assert {"rationale_sensitivity", "always"} <= set(st["ablation_random_worker"])

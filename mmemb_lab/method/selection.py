@@ -326,6 +326,7 @@ def run_selection(evaluator: Backbone, world_seed: int, hard_fraction: float, cf
                                      "status": r.status, "n_tokens": r.n_tokens, "rationale": r.text,
                                      "correct": bool(table.correct[i, j]),
                                      "logp_direct": float(table.logp_direct[i]),
+                                     "logp_with": float(table.logp_with[i, j]), "logp_swap": float(table.logp_swap[i, j]),
                                      "gain_removal": float(table.gain_removal[i, j]),
                                      "gain_swap": float(table.gain_swap[i, j]),
                                      "cos_direct": float(table.cos_direct[i]), "cos_with": float(table.cos_with[i, j]),
