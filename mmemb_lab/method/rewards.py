@@ -86,7 +86,8 @@ class RewardConfig:
     """The scale of s: "prob" (p(t+ | q) against the pair's negatives, in [0, 1]) or "log_prob" (its log)."""
     cost_per_token: float = 0.002
     """Price, in units of s, of each token generated beyond the direct path (on the "prob" scale a 32-token
-    span must raise p(t+) by 0.066 to pay for itself)."""
+    span must raise p(t+) by 0.066 to pay for itself). On the validation split 0.002 beat 0.001 and 0.004
+    (docs/research-log.md, Settings checked on validation)."""
     cost_per_invocation: float = 0.0
     """Fixed price of opening a span at all (added to the per-token price)."""
     format_penalty: float = 1.0

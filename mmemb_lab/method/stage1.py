@@ -68,8 +68,8 @@ none at all (the discriminative, direct-only baseline)."""
 @dataclass(frozen=True)
 class Stage1Config:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=300, lr=2e-4, warmup=20, ckpt_every=50))
-    """Optimiser and schedule. Why lr 2e-4: 5e-4 cost the direct path more for the same always-mode scores
-    (docs/research-log.md, Stage 1: learning rate)."""
+    """Optimiser and schedule. Why lr 2e-4: on the validation split it beat 1e-4 and 4e-4, and the tiny
+    preset's 160 steps beat 120 and 240 (docs/research-log.md, Settings checked on validation)."""
     batch_size: int = 32
     """Pairs per step (global)."""
     temperature: float = TEMPERATURE
