@@ -273,7 +273,8 @@ class SelectionConfig:
     n_per_dataset: int = 64
     """Training items per dataset that get candidate rationales and a counterfactual selection."""
     tau: float = TAU
-    """Gain threshold (nats of log p(t+)); ours: ln 2, i.e. the rationale must double p(t+ | q)."""
+    """Gain threshold (nats of log p(t+)); ours: ln 2, i.e. the rationale must double p(t+ | q). On the validation
+    split it beat 0.35 and 1.0 (docs/research-log.md, Settings checked on validation)."""
     variant: str = "both_max"
     """Counterfactual used for the selection: "both_max" (the removal AND the swap_max gain clear tau), "both"
     (removal AND the same worker's swap), "swap", "removal" or "swap_max". Removal asks whether reasoning beats
